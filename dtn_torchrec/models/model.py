@@ -1,0 +1,83 @@
+"""The multi-task model (sparse arch -> multi-task dense arch -> task relation) and its train wrapper."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dtn_torchrec.data.batch import Batch
+from dtn_torchrec.models.embedding import SparseArch
+from dtn_torchrec.models.losses import MultiTaskLoss, ProductRelation
+
+
+class MultiTaskModel(nn.Module):
+    """Embeddings, a multi-task architecture (shared-bottom, MMoE, PLE, DTN) and a task relation.
+
+    Args:
+        sparse_arch (SparseArch): KJT -> ``ExpertInputs``.
+        dense_arch (nn.Module): ``ExpertInputs`` -> head logits ``[B, T]``.
+        tasks (List[str]): task names, the output columns.
+        relation (Optional[ProductRelation]): ESMM-style products of head probabilities, or None.
+
+    Example::
+
+        model = build_model(ModelConfig(name="mmoe"), schema)
+        probs = torch.sigmoid(model(batch.sparse_features))  # [B, T]
+    """
+
+    def __init__(
+        self,
+        sparse_arch: SparseArch,
+        dense_arch: nn.Module,
+        tasks: List[str],
+        relation: Optional[ProductRelation] = None,
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.dense_arch = dense_arch
+        self.relation = relation
+        self.tasks: List[str] = list(tasks)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Args: features: one KJT key per schema field. Returns: logits ``[B, T]`` in task order."""
+        logits = self.dense_arch(self.sparse_arch(features))
+        if self.relation is not None:
+            logits = self.relation(logits)
+        return logits
+
+
+class MultiTaskTrainWrapper(nn.Module):
+    """Loss around :class:`MultiTaskModel` in TorchRec's ``DLRMTrain`` convention.
+
+    ``forward(batch) -> (loss, (loss.detach(), logits.detach(), labels))``, what
+    ``TrainPipelineSparseDist.progress`` expects (it returns the second element).
+
+    Args:
+        model (MultiTaskModel): the model.
+        loss (MultiTaskLoss): per-task weighted BCE.
+        label_columns (List[int]): for each task, its column in ``batch.labels`` (schema label
+            order); the returned labels are in task order.
+    """
+
+    def __init__(self, model: MultiTaskModel, loss: MultiTaskLoss, label_columns: List[int]) -> None:
+        super().__init__()
+        if len(label_columns) != len(model.tasks):
+            raise ValueError(f"need one label column per task {model.tasks}, got {label_columns}")
+        self.model = model
+        self.loss = loss
+        self._label_columns: List[int] = list(label_columns)
+        self._identity_columns: bool = self._label_columns == list(range(len(self._label_columns)))
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Args: batch: ``sparse_features`` KJT, ``labels [B, L]``.
+
+        Returns:
+            the weighted total loss, and ``(loss.detach(), logits.detach() [B, T], labels [B, T])``.
+        """
+        logits = self.model(batch.sparse_features)
+        labels = batch.labels if self._identity_columns else batch.labels[:, self._label_columns]
+        loss, _ = self.loss(logits, labels)
+        return loss, (loss.detach(), logits.detach(), labels)

@@ -1,0 +1,120 @@
+"""DTN (Deep Multiple Task-specific Feature Interactions Network, arXiv 2408.11611).
+
+Each task and a shared group own ``J`` feature-interaction modules per interaction method
+(e.g. MaskNet, MemoNet, GDCN). Task ``t`` fuses its own modules and the other + shared modules with
+gates; the Task-Sensitive Network (TSN) multiplies the modules of an earlier task ``s`` by
+``stop_gradient(p_s)`` before fusing. Two variants (dtn-model.md 1.7, 1.9):
+
+* ``reference`` (the authors' TF code): per-module scalar gates ``a_k = act(w_k^T e_k + b_k)``
+  read each module's output; own modules and other + shared modules are softmaxed separately and
+  the two weighted sums are added: ``h_t = sum alpha_k e~_k + sum beta_k e_k^(t)`` (``[B, H]``).
+* ``paper`` (the figure): gates read the input, ``softmax(act(W x))`` per group, and the tower
+  input is ``concat[GN(own), GN/TSN(other + shared)]`` (``[B, 2H]``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from dtn_torchrec.models.config import DTNConfig, TowerConfig
+from dtn_torchrec.models.multitask.expert_group import ExpertFactory, ExpertGroup, check_task_names
+from dtn_torchrec.models.multitask.gates import ExpertOutputGate, InputGate, weighted_sum
+from dtn_torchrec.models.multitask.towers import build_towers
+from dtn_torchrec.models.task_graph import dependency_order
+from dtn_torchrec.models.types import ExpertInputs
+
+SHARED = "shared"
+
+
+class DTN(nn.Module):
+    """Task-specific feature-interaction groups, gates and TSN.
+
+    Args:
+        config (DTNConfig): variant, interaction methods, ``J``, TSN map, gate activation.
+        tasks (List[str]): task names, output column order.
+        num_fields (int): ``F``.
+        embedding_dim (int): ``D``; ``paper`` gates read the flat input ``[B, F*D]``.
+        tower (TowerConfig): per-task tower shape.
+        factory (ExpertFactory): builds one interaction module.
+        device (Optional[torch.device]): where to create the parameters.
+
+    Call args:
+        inputs (ExpertInputs): ``fields [B, F, D]``, ``flat [B, F*D]``, ``pair_ids`` (MemoNet).
+
+    Returns:
+        torch.Tensor: logits ``[B, T]`` in ``tasks`` order (computed in TSN dependency order).
+    """
+
+    def __init__(
+        self,
+        config: DTNConfig,
+        tasks: List[str],
+        num_fields: int,
+        embedding_dim: int,
+        tower: TowerConfig,
+        factory: ExpertFactory,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        check_task_names(tasks, reserved=(SHARED,))
+        self._tasks: List[str] = list(tasks)
+        self._order: List[str] = dependency_order(self._tasks, config.tsn, "dtn.tsn")
+        self._tsn: Dict[str, List[str]] = {t: list(config.tsn.get(t, [])) for t in self._tasks}
+        self._paper: bool = config.variant == "paper"
+
+        configs = [m for m in config.methods for _ in range(config.modules_per_method)]
+        self.groups = nn.ModuleDict()
+        for group in self._tasks + [SHARED]:
+            names = [
+                f"dtn_{group}_m{i}_{m.kind}_{j}"
+                for i, m in enumerate(config.methods)
+                for j in range(config.modules_per_method)
+            ]
+            self.groups[group] = ExpertGroup(configs, names, num_fields, embedding_dim, factory)
+        dim = self.groups[SHARED].output_dim
+        num_own = len(configs)
+        num_other = len(self._tasks) * num_own  # other tasks' modules + the shared ones
+
+        def gate(num_experts: int) -> nn.Module:
+            if self._paper:
+                flat_dim = num_fields * embedding_dim
+                return InputGate(flat_dim, num_experts, config.gate_activation, device=device)
+            return ExpertOutputGate(num_experts, dim, config.gate_activation, device=device)
+
+        self.own_gates = nn.ModuleDict({t: gate(num_own) for t in self._tasks})
+        self.other_gates = nn.ModuleDict({t: gate(num_other) for t in self._tasks})
+        self.towers = build_towers(self._tasks, 2 * dim if self._paper else dim, tower, device=device)
+
+    def forward(self, inputs: ExpertInputs) -> torch.Tensor:
+        modules = {group: self.groups[group](inputs) for group in self._tasks + [SHARED]}  # [B, K, H]
+        logits: Dict[str, torch.Tensor] = {}
+        for task in self._order:
+            others: List[torch.Tensor] = []
+            for other in self._tasks:
+                if other == task:
+                    continue
+                if other in self._tsn[task]:
+                    # TSN: scale by the earlier task's probability; no gradient flows into it.
+                    p_other = torch.sigmoid(logits[other]).detach().unsqueeze(-1)  # [B, 1, 1]
+                    others.append(modules[other] * p_other)
+                else:
+                    others.append(modules[other])
+            other_shared = torch.cat(others + [modules[SHARED]], dim=1)
+            own = modules[task]
+            if self._paper:
+                h = torch.cat(
+                    [
+                        weighted_sum(own, self.own_gates[task](inputs.flat)),
+                        weighted_sum(other_shared, self.other_gates[task](inputs.flat)),
+                    ],
+                    dim=1,
+                )
+            else:
+                h = weighted_sum(own, self.own_gates[task](own)) + weighted_sum(
+                    other_shared, self.other_gates[task](other_shared)
+                )
+            logits[task] = self.towers[task](h)
+        return torch.cat([logits[t] for t in self._tasks], dim=1)

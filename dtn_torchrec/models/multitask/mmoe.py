@@ -1,0 +1,73 @@
+"""MMoE (Ma et al., KDD 2018): shared experts, one softmax gate per task."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from dtn_torchrec.models.config import MMoEConfig, TowerConfig
+from dtn_torchrec.models.multitask.expert_group import ExpertFactory, ExpertGroup, check_task_names
+from dtn_torchrec.models.multitask.gates import InputGate, weighted_sum
+from dtn_torchrec.models.multitask.towers import build_towers
+from dtn_torchrec.models.types import ExpertInputs
+
+class MMoE(nn.Module):
+    """``g_t = softmax(act(W_t x))``; task input ``sum_k g_t,k e_k`` (paper) or
+    ``concat_k g_t,k e_k`` (the reference TF baseline); ``logit_t = Tower_t(task input)``.
+
+    Args:
+        config (MMoEConfig): number and kind of experts, gate activation, combine mode.
+        tasks (List[str]): task names, output column order.
+        num_fields (int): ``F``.
+        embedding_dim (int): ``D``; gates read the flat input ``[B, F*D]``.
+        tower (TowerConfig): per-task tower shape.
+        factory (ExpertFactory): builds one expert.
+        device (Optional[torch.device]): where to create the parameters.
+
+    Call args:
+        inputs (ExpertInputs): ``fields [B, F, D]``, ``flat [B, F*D]``.
+
+    Returns:
+        torch.Tensor: logits ``[B, T]`` in ``tasks`` order.
+    """
+
+    def __init__(
+        self,
+        config: MMoEConfig,
+        tasks: List[str],
+        num_fields: int,
+        embedding_dim: int,
+        tower: TowerConfig,
+        factory: ExpertFactory,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        check_task_names(tasks)
+        self._tasks: List[str] = list(tasks)
+        self._concat: bool = config.combine == "concat"
+        n = config.num_experts
+        self.experts = ExpertGroup(
+            [config.expert] * n, [f"mmoe_expert_{k}" for k in range(n)], num_fields, embedding_dim, factory
+        )
+        self.gates = nn.ModuleDict(
+            {
+                task: InputGate(num_fields * embedding_dim, n, config.gate_activation, device=device)
+                for task in tasks
+            }
+        )
+        tower_in = n * self.experts.output_dim if self._concat else self.experts.output_dim
+        self.towers = build_towers(tasks, tower_in, tower, device=device)
+
+    def forward(self, inputs: ExpertInputs) -> torch.Tensor:
+        experts = self.experts(inputs)  # [B, K, H]
+        logits: List[torch.Tensor] = []
+        for task in self._tasks:
+            weights = self.gates[task](inputs.flat)  # [B, K]
+            if self._concat:
+                task_input = (experts * weights.unsqueeze(-1)).flatten(1)  # [B, K*H]
+            else:
+                task_input = weighted_sum(experts, weights)  # [B, H]
+            logits.append(self.towers[task](task_input))
+        return torch.cat(logits, dim=1)
