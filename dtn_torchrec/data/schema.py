@@ -5,8 +5,8 @@ Canonical Parquet layout of every split file (``<dataset>/<split>/part-*.parquet
 
 * ``sample_id``: ``int64``
 * one ``list<int64>`` column per sparse field, named by the field name (e.g. ``"101"``,
-  ``"109_14"``). Ids are already mapped (``vocab``: 1..V, 0 = missing/OOV; ``hash``: id mod
-  ``num_embeddings``, 0 reserved for missing). A missing field is an empty list.
+  ``"109_14"``). Ids are already mapped (``vocab``: 1..V, 0 = missing/OOV; ``hash``:
+  ``1 + (raw mod (num_embeddings - 1))``, 0 reserved for missing). A missing field is an empty list.
 * optionally one ``list<float32>`` weight column per field (``FieldSpec.weight_column``), aligned
   element by element with the id list (Ali-CCP's ``feature_value``).
 * one ``int8`` column per label (``SchemaSpec.labels``), in task order.
