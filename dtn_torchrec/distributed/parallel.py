@@ -1,0 +1,55 @@
+"""Wrapping a model in ``DistributedModelParallel``: sharded tables + DDP for the rest."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+
+from dtn_torchrec.distributed.optimizers import check_fused_optimizers
+from dtn_torchrec.distributed.sharders import embedding_sharders
+
+
+def shard_model(
+    module: nn.Module,
+    *,
+    device: torch.device,
+    plan: ShardingPlan,
+    sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+    pg: Optional[dist.ProcessGroup] = None,
+    find_unused_parameters: bool = False,
+) -> DistributedModelParallel:
+    """Shards ``module`` by ``plan``; materialises ``meta`` parameters on ``device``.
+
+    Args:
+        module: the unsharded model, with ``optimizers.apply_sparse_optimizer`` applied.
+        device: this rank's device.
+        plan: from ``planning.plan_model`` (made with the same sharders).
+        sharders: defaults to ``sharders.embedding_sharders()``.
+        pg: process group; None = the default group.
+        find_unused_parameters: DDP's flag, for models whose dense graph varies per batch.
+
+    Raises:
+        ValueError: a fused table's sparse optimiser cannot run on ``device`` (names the table).
+    """
+    check_fused_optimizers(module, plan, device.type)
+    group = pg if pg is not None else dist.group.WORLD
+    return DistributedModelParallel(
+        module=module,
+        env=ShardingEnv.from_process_group(group),
+        device=device,
+        plan=plan,
+        sharders=sharders if sharders is not None else embedding_sharders(),
+        data_parallel_wrapper=DefaultDataParallelWrapper(
+            find_unused_parameters=find_unused_parameters,
+            # static_graph assumes every step uses the same parameters; unused ones break it.
+            static_graph=not find_unused_parameters,
+        ),
+    )

@@ -1,0 +1,269 @@
+"""Sharding plans: configuration -> ``ParameterConstraints`` -> ``EmbeddingShardingPlanner``.
+
+Every embedding table of the model (any ``EmbeddingBagCollection`` / ``EmbeddingCollection``,
+wherever it sits) is matched against ``ShardingConfig``; each requested sharding type and kernel
+is checked against what the sharder offers on the compute device *before* planning, so a bad
+request fails on every rank with a message naming the table (the planner itself would fail on
+rank 0 only and leave the other ranks hanging in the plan broadcast).
+
+The planner's per-rank storage table (``EmbeddingStats``) goes to the ``torchrec`` logger at INFO.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch.distributed as dist
+import torch.nn as nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import Topology
+from torchrec.distributed.types import (
+    EnumerableShardingSpec,
+    ModuleSharder,
+    ParameterSharding,
+    ShardingPlan,
+)
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from dtn_torchrec.distributed.config import ShardingConfig, TableShardingConfig
+from dtn_torchrec.distributed.sharders import embedding_sharders
+
+
+@dataclass(frozen=True)
+class EmbeddingTableInfo:
+    """One embedding table of the model and the sharder responsible for it.
+
+    Args:
+        name: table name (unique across the model).
+        module_path: FQN of the owning EmbeddingBagCollection / EmbeddingCollection.
+        module_type: the owning module's class name.
+        num_embeddings: rows.
+        embedding_dim: columns.
+        num_features: KJT keys looked up in the table.
+        sharder: the sharder of the owning module type.
+    """
+
+    name: str
+    module_path: str
+    module_type: str
+    num_embeddings: int
+    embedding_dim: int
+    num_features: int
+    sharder: ModuleSharder[nn.Module]
+
+
+def find_embedding_tables(
+    module: nn.Module, sharders: List[ModuleSharder[nn.Module]]
+) -> List[EmbeddingTableInfo]:
+    """Lists every table of every module a sharder handles (matched by exact type, as DMP does)."""
+    by_type = {sharder.module_type: sharder for sharder in sharders}
+    tables: List[EmbeddingTableInfo] = []
+    seen: Dict[str, str] = {}
+    for path, sub in module.named_modules():
+        sharder = by_type.get(type(sub))
+        if sharder is None:
+            continue
+        if isinstance(sub, EmbeddingBagCollection):
+            configs = sub.embedding_bag_configs()
+        elif isinstance(sub, EmbeddingCollection):
+            configs = sub.embedding_configs()
+        else:
+            raise TypeError(f"no table listing for {type(sub).__name__} at {path!r}")
+        for config in configs:
+            if config.name in seen:
+                raise ValueError(
+                    f"embedding table name {config.name!r} appears in {seen[config.name]!r} and"
+                    f" {path!r}; sharding constraints are keyed by table name, so names must be"
+                    " unique across the model"
+                )
+            seen[config.name] = path
+            tables.append(
+                EmbeddingTableInfo(
+                    name=config.name,
+                    module_path=path,
+                    module_type=type(sub).__name__,
+                    num_embeddings=config.num_embeddings,
+                    embedding_dim=config.embedding_dim,
+                    num_features=len(config.feature_names),
+                    sharder=sharder,
+                )
+            )
+    return tables
+
+
+def _table_config(cfg: ShardingConfig, name: str) -> Optional[TableShardingConfig]:
+    if name in cfg.tables:
+        return cfg.tables[name]
+    for pattern, table_cfg in cfg.tables.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return table_cfg
+    return None
+
+
+def _supported_pairs(sharder: ModuleSharder[nn.Module], device: str) -> List[str]:
+    return [
+        f"{sharding_type}/{kernel}"
+        for sharding_type in sharder.sharding_types(device)
+        for kernel in sharder.compute_kernels(sharding_type, device)
+    ]
+
+
+def table_constraints(
+    tables: List[EmbeddingTableInfo], cfg: ShardingConfig, compute_device: str
+) -> Dict[str, ParameterConstraints]:
+    """Planner constraints for every table, after checking each request is feasible.
+
+    A table without requested sharding types is limited to the sharder's default offer
+    (TorchRec's stock CPU offer on CPU, see ``sharders.py``).
+
+    Raises:
+        ValueError: a pattern that matches no table, or a sharding type / compute kernel the
+            table's sharder does not offer on ``compute_device`` (the message names the table).
+    """
+    cfg.validate()
+    names = [table.name for table in tables]
+    for pattern in cfg.tables:
+        if pattern not in names and not fnmatch.filter(names, pattern):
+            raise ValueError(
+                f"sharding.tables[{pattern!r}] matches no embedding table; tables: {names}"
+            )
+    constraints: Dict[str, ParameterConstraints] = {}
+    for table in tables:
+        table_cfg = _table_config(cfg, table.name) or TableShardingConfig()
+        sharder = table.sharder
+        requested = table_cfg.sharding_types or cfg.sharding_types
+        kernels = table_cfg.compute_kernels
+        where = f"table {table.name!r} ({table.module_type} at {table.module_path!r})"
+        if requested is None:
+            default_types = getattr(sharder, "default_sharding_types", sharder.sharding_types)
+            # Unrequested types that cannot use the requested kernels simply drop out.
+            sharding_types = [
+                sharding_type
+                for sharding_type in default_types(compute_device)
+                if kernels is None
+                or set(kernels) & set(sharder.compute_kernels(sharding_type, compute_device))
+            ]
+            if not sharding_types:
+                raise ValueError(
+                    f"sharding: {where} cannot use compute kernel(s) {kernels} on compute device"
+                    f" {compute_device!r}; supported there (type/kernel):"
+                    f" {_supported_pairs(sharder, compute_device)}"
+                )
+        else:
+            sharding_types = list(requested)
+        offered = sharder.sharding_types(compute_device)
+        for sharding_type in sharding_types:
+            if sharding_type not in offered:
+                raise ValueError(
+                    f"sharding: {where} cannot be sharded {sharding_type!r} on compute device"
+                    f" {compute_device!r}; supported there (type/kernel):"
+                    f" {_supported_pairs(sharder, compute_device)}"
+                )
+            type_kernels = sharder.compute_kernels(sharding_type, compute_device)
+            if kernels is not None and not set(kernels) & set(type_kernels):
+                raise ValueError(
+                    f"sharding: {where} with sharding type {sharding_type!r} cannot use compute"
+                    f" kernel(s) {kernels} on compute device {compute_device!r}; that type offers"
+                    f" {type_kernels}"
+                )
+        constraint = ParameterConstraints(
+            sharding_types=sharding_types,
+            compute_kernels=kernels,
+            min_partition=table_cfg.min_partition,
+        )
+        if table_cfg.pooling_factor is not None:
+            constraint.pooling_factors = [table_cfg.pooling_factor] * table.num_features
+        constraints[table.name] = constraint
+    return constraints
+
+
+def plan_model(
+    module: nn.Module,
+    cfg: ShardingConfig,
+    *,
+    topology: Topology,
+    batch_size: int,
+    pg: Optional[dist.ProcessGroup] = None,
+    sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+) -> ShardingPlan:
+    """Plans the sharding of every embedding table of ``module``.
+
+    Args:
+        module: the unsharded model (tables may sit on the ``meta`` device).
+        cfg: sharding configuration.
+        topology: see ``topology.topology_from_env`` / ``topology.make_topology``.
+        batch_size: per-rank batch size (the planner's cost model).
+        pg: process group; rank 0 plans and broadcasts (``collective_plan``). None plans in
+            this process alone (dtn-plan, or a single-process run).
+        sharders: defaults to ``sharders.embedding_sharders()``; give DMP the same list.
+
+    Returns:
+        The plan for ``DistributedModelParallel``.
+    """
+    sharders = sharders if sharders is not None else embedding_sharders()
+    tables = find_embedding_tables(module, sharders)
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=table_constraints(tables, cfg, topology.compute_device),
+        storage_reservation=FixedPercentageStorageReservation(percentage=cfg.storage_reservation),
+    )
+    if pg is None:
+        return planner.plan(module, sharders)
+    return planner.collective_plan(module, sharders, pg)
+
+
+def _shards(sharding: ParameterSharding) -> List[Dict[str, Any]]:
+    spec = sharding.sharding_spec
+    if not isinstance(spec, EnumerableShardingSpec):
+        return []
+    return [
+        {
+            "rank": shard.placement.rank(),
+            "offsets": list(shard.shard_offsets),
+            "sizes": list(shard.shard_sizes),
+        }
+        for shard in spec.shards
+    ]
+
+
+def plan_to_json(plan: ShardingPlan) -> Dict[str, Any]:
+    """The plan as plain data: ``{module_path: {table: {sharding_type, compute_kernel, ranks,
+    shards: [{rank, offsets, sizes}]}}}``; data_parallel tables have no shards (replicated)."""
+    result: Dict[str, Any] = {}
+    for module_path, module_plan in plan.plan.items():
+        result[module_path] = {
+            table: {
+                "sharding_type": sharding.sharding_type,
+                "compute_kernel": sharding.compute_kernel,
+                "ranks": list(sharding.ranks) if sharding.ranks is not None else None,
+                "shards": _shards(sharding),
+            }
+            for table, sharding in module_plan.items()
+        }
+    return result
+
+
+def format_plan(plan: ShardingPlan) -> str:
+    """A human-readable table of the plan, one line per embedding table."""
+    header = (
+        f"{'module':<24} {'table':<28} {'sharding':<18} {'kernel':<18}"
+        " shards (rows x cols @ rank)"
+    )
+    lines = [header, "-" * len(header)]
+    for module_path, tables in plan_to_json(plan).items():
+        for table, info in tables.items():
+            shards = info["shards"]
+            layout = (
+                ", ".join(f"{s['sizes'][0]}x{s['sizes'][1]}@{s['rank']}" for s in shards)
+                if shards
+                else "replicated on every rank"
+            )
+            lines.append(
+                f"{module_path:<24} {table:<28} {info['sharding_type']:<18}"
+                f" {info['compute_kernel']:<18} {layout}"
+            )
+    return "\n".join(lines)
