@@ -1,0 +1,76 @@
+"""``dtn-train --config FILE [dotted.key=value ...]``: train a multi-task model.
+
+Runs as one process, or as every worker of a ``torchrun`` / TorchX job (``RANK``,
+``WORLD_SIZE``, ... in the environment). Writes ``<output.dir>/summary.json`` (rank 0), the
+sharding plan, the resolved config, TensorBoard scalars and checkpoints. A worker restarted by
+torchrun (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from the latest checkpoint by itself.
+
+Exit status 0 on success; otherwise 1 (2 for a bad command line or config) with a one-line
+reason as the last line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import List, NoReturn, Optional
+
+from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
+from dtn_torchrec.train.config import ConfigError, load_run_config
+from dtn_torchrec.train.session import restarted_by_launcher, run_training
+
+PROG = "dtn-train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train DTN / MMoE / PLE / shared-bottom on a Parquet dataset (dtn-prepare).",
+        epilog="example: dtn-train --config configs/dtn_demo.yaml data.path=data/demo "
+        "train.epochs=2 output.dir=runs/demo",
+    )
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in <output.dir>/checkpoints (same as "
+        "train.resume=true)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="dotted.key=value",
+        help="config overrides, the value read as YAML (e.g. train.max_steps=100 "
+        "model.tower.hidden_dims=[64,32])",
+    )
+    return parser
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    shutdown_and_exit(code)
+
+
+def main(argv: Optional[List[str]] = None) -> NoReturn:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ConfigError as e:
+        _fail(2, str(e))
+    resume = args.resume or cfg.train.resume or restarted_by_launcher()
+    ctx = init_distributed()
+    try:
+        run_training(cfg, ctx, resume=resume)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(1, f"rank {ctx.rank}: {e}")
+    except Exception as e:  # noqa: BLE001 - report, then leave the job with a failure code
+        traceback.print_exc()
+        _fail(1, f"rank {ctx.rank}: {type(e).__name__}: {e}")
+    shutdown_and_exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""One training run from a :class:`RunConfig`: the dlrm_main skeleton on this project's parts.
+
+model on ``meta`` -> fused sparse optimizer -> sharding plan (printed, saved) -> DMP -> dense
+optimizer + schedule -> readers -> :class:`Trainer` (resume, train, evaluate, checkpoint) ->
+``summary.json``. Every rank calls :func:`run_training`; the process group must be initialised.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from dtn_torchrec.data.reader import ParquetBatchReader
+from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.distributed.checkpoint import CheckpointManager
+from dtn_torchrec.distributed.launch import DistributedContext
+from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
+from dtn_torchrec.distributed.parallel import shard_model
+from dtn_torchrec.distributed.planning import format_plan, plan_model, plan_to_json
+from dtn_torchrec.distributed.topology import topology_from_env
+from dtn_torchrec.models.builder import build_train_model
+from dtn_torchrec.train.config import RunConfig, run_config_to_dict
+from dtn_torchrec.train.loop import RANK_LOCAL_KEYS, Trainer
+from dtn_torchrec.train.progress import ProgressReporter
+from dtn_torchrec.train.summary import (
+    SUMMARY_FILE,
+    build_summary,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+CHECKPOINT_DIR = "checkpoints"
+PLAN_FILE = "plan.json"
+CONFIG_FILE = "config.yaml"
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restarted_by_launcher() -> bool:
+    """True when torchrun / TorchX restarted this worker group after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def run_training(cfg: RunConfig, ctx: DistributedContext, *, resume: bool) -> Dict[str, Any]:
+    """Trains, evaluates and checkpoints as ``cfg`` says; returns the summary (every rank).
+
+    Args:
+        cfg: the run config.
+        ctx: this process's place in the job (``distributed.launch.init_distributed``).
+        resume: continue from the latest checkpoint in ``<output.dir>/checkpoints`` (a fresh
+            start if there is none). Without it an existing checkpoint is an error, so two runs
+            never mix in one directory.
+
+    Raises:
+        ValueError: the dataset does not fit the config (splits, labels).
+        FileExistsError: checkpoints exist and ``resume`` is False.
+    """
+    is_rank0 = ctx.rank == 0
+    out_dir = Path(cfg.output.dir)
+    schema = SchemaSpec.load(cfg.data.path)
+    _check_splits(cfg, schema)
+
+    checkpoints = CheckpointManager(
+        out_dir / CHECKPOINT_DIR,
+        keep_last=cfg.train.keep_checkpoints,
+        rank_local_keys=RANK_LOCAL_KEYS,
+    )
+    latest = checkpoints.latest_step()
+    if latest is not None and not resume:
+        raise FileExistsError(
+            f"{checkpoints.directory} already holds checkpoint step {latest}; pass --resume "
+            "(or train.resume=true) to continue it, or choose another output.dir"
+        )
+    if is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(
+            out_dir / CONFIG_FILE, yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False)
+        )
+
+    # Same seed on every rank for building the model (DDP broadcasts rank 0's dense weights
+    # anyway); a per-rank seed afterwards so dropout masks differ between ranks.
+    seed_everything(cfg.seed)
+    train_model = build_train_model(cfg.model, schema, device=torch.device("meta"))
+    apply_sparse_optimizer(train_model, cfg.train.sparse_optimizer)
+    topology = topology_from_env(ctx.device.type, cfg.sharding)
+    plan = plan_model(
+        train_model,
+        cfg.sharding,
+        topology=topology,
+        batch_size=cfg.data.batch_size,
+        pg=dist.group.WORLD,
+    )
+    if is_rank0:
+        print(format_plan(plan), file=sys.stderr, flush=True)
+        write_json_atomic(out_dir / PLAN_FILE, plan_to_json(plan))
+    model = shard_model(train_model, device=ctx.device, plan=plan)
+    optimizers = build_dense_optimizer(model, cfg.train.dense_optimizer)
+    seed_everything(cfg.seed + ctx.rank)
+
+    train_reader = _reader(cfg, cfg.data.train_split, ctx, train=True)
+    eval_readers = {
+        split: _reader(cfg, split, ctx, train=False) for split in _eval_splits(cfg, schema)
+    }
+    reporter = ProgressReporter(
+        active=is_rank0, tensorboard_dir=out_dir / "tb" if cfg.output.tensorboard else None
+    )
+    trainer = Trainer(
+        model=model,
+        optimizer=optimizers.optimizer,
+        lr_scheduler=optimizers.scheduler,
+        train_reader=train_reader,
+        eval_readers=eval_readers,
+        task_names=cfg.model.tasks,
+        cfg=cfg.train,
+        device=ctx.device,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        reporter=reporter,
+        checkpoints=checkpoints,
+    )
+    if resume and trainer.restore_latest():
+        start = f"[resume] from checkpoint step {trainer.state.step} (epoch {trainer.state.epoch})"
+    else:
+        start = "[start] no checkpoint to resume from" if resume else "[start] fresh run"
+    reporter.start(trainer.total_steps, trainer.state.step)
+    reporter.message(
+        f"{start}; {ctx.world_size} rank(s), {trainer.steps_per_epoch} steps per epoch, "
+        f"running to step {trainer.total_steps}"
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        reporter.close()
+
+    summary = build_summary(
+        final_metrics=result.final_metrics,
+        train_samples=result.train_samples,
+        train_seconds=result.train_seconds,
+        world_size=ctx.world_size,
+        steps=result.state.step,
+        epochs=result.state.epoch,
+        resumed_from_step=result.resumed_from_step,
+        tasks=cfg.model.tasks,
+        history=result.state.history,
+        config=run_config_to_dict(cfg),
+    )
+    if is_rank0:
+        path = write_json_atomic(out_dir / SUMMARY_FILE, summary)
+        print(f"[done] summary written to {path}", file=sys.stderr, flush=True)
+    return summary
+
+
+def _reader(cfg: RunConfig, split: str, ctx: DistributedContext, *, train: bool) -> ParquetBatchReader:
+    return ParquetBatchReader(
+        cfg.data.path,
+        split,
+        cfg.data.batch_size if train else cfg.eval_batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        shuffle=cfg.data.shuffle and train,
+        shuffle_buffer_rows=cfg.data.shuffle_buffer_rows,
+        seed=cfg.seed,
+        drop_last=train,
+        use_weights=cfg.data.use_weights,
+        prefetch_batches=cfg.data.prefetch_batches,
+    )
+
+
+def _eval_splits(cfg: RunConfig, schema: SchemaSpec) -> List[str]:
+    splits = [cfg.data.eval_split]
+    if cfg.data.valid_split is not None and cfg.data.valid_split in schema.splits:
+        splits.insert(0, cfg.data.valid_split)
+    return splits
+
+
+def _check_splits(cfg: RunConfig, schema: SchemaSpec) -> None:
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+        if split not in schema.splits:
+            raise ValueError(
+                f"{key}: split {split!r} is not in {cfg.data.path}/schema.json "
+                f"(splits: {sorted(schema.splits)})"
+            )

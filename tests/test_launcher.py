@@ -1,0 +1,61 @@
+"""The TorchX component: the torchrun command it builds and its environment."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _components():
+    spec = importlib.util.spec_from_file_location("components", REPO / "launchers/components.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_component_runs_dtn_train_under_torchrun() -> None:
+    app = _components().train("--config", "c.yaml", "train.epochs=2", j="2x4")
+    (role,) = app.roles
+    assert role.num_replicas == 2 and role.entrypoint == "bash" and role.args[0] == "-c"
+    command = role.args[1]
+    assert command.startswith("torchrun --rdzv_backend c10d ")
+    assert "--nnodes 2 --nproc_per_node 4" in command
+    assert command.endswith("-m dtn_torchrec.cli.train --config c.yaml train.epochs=2")
+    assert "--max_restarts" not in command
+    assert role.env["OMP_NUM_THREADS"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
+
+
+def test_max_restarts_reaches_torchrun_with_a_store_per_round() -> None:
+    app = _components().train("--config", "c.yaml", max_restarts=3, env={"OMP_NUM_THREADS": "4"})
+    (role,) = app.roles
+    assert role.args[1].startswith("torchrun --max_restarts 3 --rdzv_backend c10d ")
+    assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert role.env["OMP_NUM_THREADS"] == "4"
+    with pytest.raises(ValueError, match="max_restarts must be >= 0"):
+        _components().train(max_restarts=-1)
+
+
+def test_demo_report_puts_model_auc_next_to_oracle() -> None:
+    spec = importlib.util.spec_from_file_location("demo_report", REPO / "launchers/demo_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = {
+        "test": {"click": {"auc": 0.61234}, "conversion": {"auc": 0.7, "cvr_auc": 0.55}},
+        "throughput": {"samples_per_s": 1234.4},
+        "world_size": 2,
+        "steps": 58,
+    }
+    truth = {
+        "oracle_auc": {"test": {"click": 0.8, "conversion": 0.85}},
+        "oracle_auc_conversion_given_click": {"test": 0.79},
+    }
+    lines = module.report(summary, truth).splitlines()
+    assert lines[1].split() == ["click", "0.6123", "0.8000"]
+    assert lines[2].split() == ["conversion", "0.7000", "0.8500"]
+    assert lines[3].split() == ["conversion", "|", "click", "0.5500", "0.7900"]
+    assert lines[4] == "throughput: 1,234 samples/s over 2 ranks (58 steps)"
