@@ -1,0 +1,359 @@
+"""Shared benchmark helpers: timed windows, rank launching, roofline probes, JSON and tables.
+
+Measurement rules (README "Benchmarks: how we measure"): every number is the median of several
+timed windows after a warm-up, ratios come from one run on one machine, and each configuration
+runs in fresh processes so that its peak memory (``ru_maxrss``) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import resource
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.train.config import RunConfig, load_run_config
+
+# Modules the forkserver imports once, so each rank process starts in well under a second.
+_PRELOAD = [
+    "torch",
+    "torchrec",
+    "torchrec.distributed.model_parallel",
+    "pyarrow.parquet",
+    "dtn_torchrec.distributed.parallel",
+    "dtn_torchrec.models.builder",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How a training loop is timed.
+
+    Args:
+        warmup_steps: untimed steps first (allocations, pipeline fill, caches).
+        steps: steps per timed window.
+        windows: timed windows; the result is their median.
+    """
+
+    warmup_steps: int
+    steps: int
+    windows: int
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0 or self.steps < 1 or self.windows < 1:
+            raise ValueError(f"need warmup >= 0, steps >= 1, windows >= 1; got {self}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.steps * self.windows
+
+
+def timed_windows(step: Callable[[], int], spec: WindowSpec) -> List[float]:
+    """Runs ``step`` (one training step, returns the samples it trained) for the warm-up, then
+    for ``spec.windows`` windows of ``spec.steps`` steps; returns samples/s of each window."""
+    spec.validate()
+    for _ in range(spec.warmup_steps):
+        step()
+    rates = []
+    for _ in range(spec.windows):
+        samples = 0
+        start = time.perf_counter()
+        for _ in range(spec.steps):
+            samples += step()
+        rates.append(samples / (time.perf_counter() - start))
+    return rates
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# one measured configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """What every rank of one measurement needs (picklable, sent to the rank processes).
+
+    Args:
+        config: run config file (model and optimisers); ``data.path`` is replaced by ``data``.
+        overrides: ``dotted.key=value`` overrides of the config.
+        data: dataset directory (schema.json + Parquet).
+        batch_size: per-rank batch size.
+        timing: warm-up and timed windows.
+        sharding_types: sharding types for every table (ours); None = the planner's choice.
+        table_precision: ``fp32`` or ``fp16`` embedding weights (ours).
+    """
+
+    config: str
+    overrides: Tuple[str, ...]
+    data: str
+    batch_size: int
+    timing: WindowSpec
+    sharding_types: Optional[Tuple[str, ...]] = None
+    table_precision: str = "fp32"
+
+    def load(self) -> Tuple[RunConfig, SchemaSpec]:
+        """The run config (data path and batch size applied) and the dataset's schema."""
+        cfg = load_run_config(
+            self.config, [*self.overrides, f"data.path={self.data}", f"data.batch_size={self.batch_size}"]
+        )
+        return cfg, SchemaSpec.load(self.data)
+
+
+def rank_record(rates: List[float], setup_s: float, **extra: Any) -> Dict[str, Any]:
+    """What a rank reports: its median samples/s, every window, setup time and peak memory."""
+    return {
+        "samples_per_s": statistics.median(rates),
+        "windows": rates,
+        "setup_s": setup_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# launching ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rank_main(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, threads: int, quiet: bool, out_dir: str,
+    kwargs: Dict[str, Any],
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(threads)
+    if quiet:
+        # TorchRec warns per data-parallel table and per traced module on every run.
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
+    from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
+
+    try:
+        init_distributed()
+        result = fn(**kwargs)
+        with open(os.path.join(out_dir, f"result_{rank}.json"), "w") as f:
+            json.dump(result, f)
+    except BaseException:  # noqa: BLE001 - reported to the parent, then a hard exit
+        Path(out_dir, f"error_{rank}.txt").write_text(traceback.format_exc())
+        os._exit(1)
+    # Barrier, destroy the group, os._exit: the fused kernels sometimes abort at normal exit.
+    shutdown_and_exit(0)
+
+
+def run_ranks(
+    fn: Callable[..., Dict[str, Any]],
+    world_size: int,
+    threads: int,
+    timeout_s: float,
+    quiet: bool = True,
+    **kwargs: Any,
+) -> List[Dict[str, Any]]:
+    """Runs ``fn(**kwargs)`` on ``world_size`` gloo ranks, each a fresh process with ``threads``
+    torch threads, and returns each rank's (JSON-able) result, by rank. ``quiet`` silences
+    library warnings in the ranks (errors still show).
+
+    ``fn`` must be importable by module name (it is pickled to the ranks).
+
+    Raises:
+        RuntimeError: a rank raised (its traceback is in the message), died or timed out.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    out_dir = tempfile.mkdtemp(prefix="dtn_bench_")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, threads, quiet, out_dir, kwargs))
+        for rank in range(world_size)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        errors = sorted(Path(out_dir).glob("error_*.txt"))
+        if errors:
+            raise RuntimeError(f"{fn.__name__} failed on a rank:\n" + errors[0].read_text())
+        for rank, p in enumerate(procs):
+            if p.is_alive():
+                raise RuntimeError(f"{fn.__name__}: rank {rank} still running after {timeout_s:.0f} s")
+            if p.exitcode != 0:
+                raise RuntimeError(f"{fn.__name__}: rank {rank} exited with code {p.exitcode}")
+        return [json.loads(Path(out_dir, f"result_{r}.json").read_text()) for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def combine_ranks(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One record for a multi-rank measurement: samples/s summed over ranks (each rank's median),
+    peak memory per rank, and each rank's own record."""
+    return {
+        "samples_per_s": sum(r["samples_per_s"] for r in results),
+        "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in results],
+        "ranks": results,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# roofline probes
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_shapes(module: nn.Module) -> List[Tuple[int, int]]:
+    """``(in_features, out_features)`` of every ``nn.Linear`` in ``module`` (the experts' dense
+    layers subclass it)."""
+    shapes = []
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            shapes.append((sub.in_features, sub.out_features))
+    return shapes
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_flops_per_s(shapes: Iterable[Tuple[int, int, int]], repeats: int = 5) -> float:
+    """Measured FLOP/s of ``torch.mm`` over ``(m, k, n)`` products, run one after the other
+    (``2 m k n`` FLOPs each); the median time of ``repeats`` passes."""
+    pairs = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    if not pairs:
+        raise ValueError("no GEMM shapes to measure")
+    flops = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
+
+    def run() -> None:
+        for a, b in pairs:
+            torch.mm(a, b)
+
+    return flops / _median_seconds(run, repeats)
+
+
+def copy_bandwidth_bytes_per_s(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Measured memory bandwidth of a large float32 tensor copy (read + write = 2x bytes)."""
+    src = torch.randn(num_bytes // 4)
+    dst = torch.empty_like(src)
+    return 2.0 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), repeats)
+
+
+@dataclass
+class Roofline:
+    """The machine's measured ceilings (this process, all its torch threads).
+
+    Args:
+        gemm_peak_flops: FLOP/s of a large square ``torch.mm``.
+        copy_bandwidth: bytes/s of a large tensor copy.
+        threads: torch threads used.
+    """
+
+    gemm_peak_flops: float
+    copy_bandwidth: float
+    threads: int
+
+
+def measure_roofline(square: int = 2048, copy_bytes: int = 256 * 2**20) -> Roofline:
+    """Measures the ceilings: a ``square``^3 GEMM and a ``copy_bytes`` tensor copy."""
+    return Roofline(
+        gemm_peak_flops=gemm_flops_per_s([(square, square, square)]),
+        copy_bandwidth=copy_bandwidth_bytes_per_s(copy_bytes),
+        threads=torch.get_num_threads(),
+    )
+
+
+def model_gemm_flops_per_s(batch_size: int, layer_shapes: Sequence[Tuple[int, int]]) -> float:
+    """FLOP/s of ``torch.mm`` over a model's dense layers, each once, at its batch size: the
+    ceiling of its dense compute at these shapes, per-call overheads included."""
+    return gemm_flops_per_s([(batch_size, k, n) for k, n in layer_shapes])
+
+
+def update_bytes_per_id(optimizer: str, dim: int) -> int:
+    """Bytes a fused sparse update moves per looked-up id (fp32): the row read and written,
+    plus the optimiser state read and written (Adam 2 x dim, Adagrad dim, row-wise Adagrad 1)."""
+    state = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": dim, "adam": 2 * dim}
+    if optimizer not in state:
+        raise ValueError(f"unknown sparse optimizer {optimizer!r}")
+    return 4 * (2 * dim + 2 * state[optimizer])
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Writes ``obj`` as JSON atomically (temp file + rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, target)
+    return target
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    """A plain text table; the first ``left`` columns left-aligned, the rest right-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in cells
+    )
+
+
+def machine_info() -> Dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": os.uname().machine,
+        "note": "shared machine; other jobs may have run at the same time",
+    }

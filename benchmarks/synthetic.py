@@ -1,0 +1,201 @@
+"""Synthetic Parquet datasets in the canonical layout (``dtn_torchrec/data/schema.py``).
+
+Written directly (numpy + pyarrow) instead of through ``dtn-synth`` + ``dtn-prepare``: throughput
+does not depend on planted signal, and the vocabulary-scaling benchmark needs schemas (20
+log-spaced single-valued fields, up to 10^8 rows per table) that Ali-CCP does not have. Every
+dataset is cached under its parameters' hash and written atomically (temp dir + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dtn_torchrec.data.schema import (
+    ALICCP_FIELDS,
+    ALICCP_LABELS,
+    SAMPLE_ID_COLUMN,
+    FieldSpec,
+    SchemaSpec,
+    SplitSpec,
+)
+from dtn_torchrec.models.stats import ALICCP_VOCAB_LINES
+
+ID_DISTRIBUTIONS = ("uniform", "zipf")
+TRAIN_SPLIT = "train"
+_CLICK_RATE = 0.10
+_CONVERSION_GIVEN_CLICK = 0.20
+
+# Ali-CCP list lengths per row (aliccp-data.md 1.6): history fields (scaled by history_scale),
+# the item's intention nodes, and the combination fields present on part of the rows.
+_HISTORY_LENGTHS = {"109_14": (117, 138), "110_14": (342, 973), "127_14": (209, 587), "150_14": (191, 200)}
+_OTHER_LENGTHS = {"210": (3, 14), "853": (1, 6)}
+_PRESENT = {"508": 0.55, "509": 0.15, "702": 0.35, "853": 0.5}
+
+
+@dataclass(frozen=True)
+class SyntheticField:
+    """One sparse field of a synthetic dataset.
+
+    Args:
+        name: field (column, KJT key) name.
+        num_embeddings: table rows; ids are drawn from ``[1, num_embeddings)`` (0 = missing).
+        min_length, max_length: list length per row, uniform in this range.
+        present: probability that a row has the field at all (else an empty list).
+    """
+
+    name: str
+    num_embeddings: int
+    min_length: int = 1
+    max_length: int = 1
+    present: float = 1.0
+
+    def validate(self) -> None:
+        if self.num_embeddings < 2:
+            raise ValueError(f"field {self.name}: need at least 2 rows (id 0 is reserved)")
+        if not 0 <= self.min_length <= self.max_length:
+            raise ValueError(f"field {self.name}: bad length range {self.min_length}..{self.max_length}")
+        if not 0.0 <= self.present <= 1.0:
+            raise ValueError(f"field {self.name}: present must lie in [0, 1]")
+
+
+def aliccp_like_fields(id_scale: float, history_scale: float) -> List[SyntheticField]:
+    """The 23 Ali-CCP fields: reference vocabularies x ``id_scale`` (at least 100 rows, or the
+    real size when smaller) and Ali-CCP list lengths, histories x ``history_scale``."""
+    fields = []
+    for name in ALICCP_FIELDS:
+        vocab = ALICCP_VOCAB_LINES[name]
+        rows = max(min(vocab, 100), round(vocab * id_scale)) + 1
+        low, high = 1, 1
+        if name in _HISTORY_LENGTHS:
+            lo, hi = _HISTORY_LENGTHS[name]
+            low, high = max(1, round(lo * history_scale)), max(1, round(hi * history_scale))
+        elif name in _OTHER_LENGTHS:
+            low, high = _OTHER_LENGTHS[name]
+        fields.append(SyntheticField(name, rows, low, high, _PRESENT.get(name, 1.0)))
+    return fields
+
+
+def log_spaced_fields(count: int, smallest: int, largest: int, scale: int) -> List[SyntheticField]:
+    """``count`` single-valued fields ``f00..`` with vocabularies log-spaced from ``smallest``
+    to ``largest``, every table ``x scale`` rows (plus the reserved id 0)."""
+    vocab = np.round(np.logspace(np.log10(smallest), np.log10(largest), count)).astype(np.int64)
+    return [SyntheticField(f"f{i:02d}", int(v) * scale + 1) for i, v in enumerate(vocab)]
+
+
+def _draw_ids(rng: np.random.Generator, n: int, rows: int, distribution: str, exponent: float) -> np.ndarray:
+    """``n`` ids in ``[1, rows)``: uniform, or Zipf (id 1 the most frequent, as a frequency-
+    sorted vocabulary numbers them; the tail folds back modulo the table)."""
+    if distribution == "uniform":
+        return rng.integers(1, rows, size=n, dtype=np.int64)
+    ranks = rng.zipf(exponent, size=n).astype(np.int64)
+    return 1 + (ranks - 1) % (rows - 1)
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    fields: Sequence[SyntheticField],
+    rows: int,
+    *,
+    seed: int,
+    ids: str,
+    zipf_exponent: float = 1.1,
+    rows_per_group: int = 8192,
+) -> SchemaSpec:
+    """Writes ``out_dir/train/part-00000.parquet`` and ``schema.json`` (labels click, conversion).
+
+    Row groups hold ``rows_per_group`` rows (fewer when needed for at least 8 groups, so rank
+    sharding has groups to split). ``cardinality`` in the schema is left 0 (not counted).
+    """
+    if ids not in ID_DISTRIBUTIONS:
+        raise ValueError(f"ids must be one of {ID_DISTRIBUTIONS}, got {ids!r}")
+    if rows < 1:
+        raise ValueError(f"rows must be positive, got {rows}")
+    for f in fields:
+        f.validate()
+    out = Path(out_dir)
+    (out / TRAIN_SPLIT).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    group = max(1, min(rows_per_group, rows // 8))
+    total_ids = {f.name: 0 for f in fields}
+    longest = {f.name: 0 for f in fields}
+    relative = f"{TRAIN_SPLIT}/part-00000.parquet"
+    writer = None
+    try:
+        for start in range(0, rows, group):
+            n = min(group, rows - start)
+            columns: Dict[str, pa.Array] = {SAMPLE_ID_COLUMN: pa.array(np.arange(start, start + n, dtype=np.int64))}
+            for f in fields:
+                lengths = rng.integers(f.min_length, f.max_length + 1, size=n)
+                if f.present < 1.0:
+                    lengths[rng.random(n) >= f.present] = 0
+                offsets = np.zeros(n + 1, dtype=np.int32)
+                np.cumsum(lengths, out=offsets[1:])
+                values = _draw_ids(rng, int(offsets[-1]), f.num_embeddings, ids, zipf_exponent)
+                columns[f.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+                total_ids[f.name] += int(offsets[-1])
+                longest[f.name] = max(longest[f.name], int(lengths.max(initial=0)))
+            click = rng.random(n) < _CLICK_RATE
+            conversion = click & (rng.random(n) < _CONVERSION_GIVEN_CLICK)
+            columns[ALICCP_LABELS[0]] = pa.array(click.astype(np.int8))
+            columns[ALICCP_LABELS[1]] = pa.array(conversion.astype(np.int8))
+            table = pa.table(columns)
+            if writer is None:
+                writer = pq.ParquetWriter(out / relative, table.schema)
+            writer.write_table(table, row_group_size=group)
+    finally:
+        if writer is not None:
+            writer.close()
+    schema = SchemaSpec(
+        fields=[
+            FieldSpec(
+                name=f.name,
+                num_embeddings=f.num_embeddings,
+                mean_length=total_ids[f.name] / rows,
+                max_length=longest[f.name],
+            )
+            for f in fields
+        ],
+        labels=list(ALICCP_LABELS),
+        splits={TRAIN_SPLIT: SplitSpec(rows=rows, files=[relative], rows_read=rows)},
+        id_mapping="hash",
+        source_format="benchmark-synthetic",
+    )
+    schema.save(out)
+    return schema
+
+
+def cached_dataset(
+    root: str | os.PathLike,
+    name: str,
+    fields: Sequence[SyntheticField],
+    rows: int,
+    *,
+    seed: int,
+    ids: str,
+) -> Path:
+    """The dataset for these parameters under ``root``, written first if not there yet."""
+    params = {"fields": [asdict(f) for f in fields], "rows": rows, "seed": seed, "ids": ids}
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    target = Path(root) / f"{name}-{digest}"
+    if (target / "schema.json").is_file():
+        return target
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+    try:
+        write_dataset(tmp, fields, rows, seed=seed, ids=ids)
+        (tmp / "benchmark_params.json").write_text(json.dumps(params, indent=1))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,669 @@
+"""Plans a described cluster with TorchRec's planner and reports memory and traffic per rank.
+
+``dtn-plan`` sizes a job before the hardware exists: the model is built on the ``meta`` device,
+``EmbeddingShardingPlanner.plan`` runs in this process for any ``Topology`` (no process group,
+no GPU), and the planner's own per-shard storage estimates (``ShardingOption.shards[i].storage``,
+what its partitioner packed against each rank's capacity) are summed per rank.
+
+Each shard's estimate splits into
+
+* ``weights``: ``rows x cols x bytes`` of the shard (a ``data_parallel`` table: the whole table
+  on every rank);
+* ``optimizer``: the fused optimiser state, weights times TorchRec's multiplier (Adam 2,
+  Adagrad 1, row-wise Adagrad ``1 / dim``, SGD 0);
+* ``cache``: the device-memory part of a ``fused_uvm_caching`` table (cache lines, their state,
+  the cache bookkeeping and its I/O buffers) whose weights live in host memory;
+* ``io``: the rest of the estimate: the planner's input (ids) and output (pooled embedding)
+  buffers of one batch.
+
+All-to-all traffic is estimated per rank and batch from the plan (see :func:`estimate_comms`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import AbstractSet, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+import torch.nn as nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.constants import UVM_CACHING_RATIO
+from torchrec.distributed.planner.stats import EmbeddingStats
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import (
+    Enumerator,
+    HardwareConfig,
+    KernelConfig,
+    PlanDebugStats,
+    PlannerError,
+    PlannerErrorType,
+    ShardingOption,
+    Stats,
+    StorageReservation,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.models.embedding import SparseArch
+from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY
+
+GIB = 1024**3
+# TorchRec's bandwidth unit is bytes per millisecond with 1 GB = 2**30 bytes (its constants,
+# e.g. INTRA_NODE_BANDWIDTH = 600 * 1024**3 / 1000); GB/s flags use the same convention.
+_GBPS_TO_BYTES_PER_MS = GIB / 1000
+
+# Fused optimiser state per weight element, as TorchRec's storage estimator counts it
+# (shard_estimators._get_optimizer_multipler); row-wise Adagrad keeps one value per row.
+_STATE_PER_WEIGHT = {"sgd": 0.0, "adam": 2.0, "adagrad": 1.0}
+ROWWISE_ADAGRAD = "rowwise_adagrad"
+
+_ID_BYTES = 8  # TBE converts ids to int64
+_LENGTH_BYTES = 4  # KJT lengths/offsets per row and feature
+_PER_ID_WEIGHT_BYTES = 4  # float32 per-id weight of a weighted KJT
+_OUTPUT_BYTES = 4  # float32 pooled embeddings and their gradients (no quantised comms)
+
+_HOST_MEMORY_KERNELS = {
+    EmbeddingComputeKernel.FUSED_UVM.value,
+    EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
+}
+
+
+def optimizer_state_multiplier(optimizer: str, embedding_dim: int) -> float:
+    """Optimiser state bytes per weight byte of a table (TorchRec's storage estimate)."""
+    if optimizer == ROWWISE_ADAGRAD:
+        return 1.0 / embedding_dim
+    if optimizer not in _STATE_PER_WEIGHT:
+        raise ValueError(
+            f"unknown sparse optimizer {optimizer!r}; known: {sorted(_STATE_PER_WEIGHT) + [ROWWISE_ADAGRAD]}"
+        )
+    return _STATE_PER_WEIGHT[optimizer]
+
+
+# ---------------------------------------------------------------------------------------------
+# topology
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A described cluster: ranks, memory per rank, bandwidths. None = TorchRec's default.
+
+    Args:
+        world_size: total ranks.
+        local_world_size: ranks per host.
+        compute_device: ``cuda`` (tables in HBM, UVM possible) or ``cpu`` (tables in DDR).
+        hbm_gb: device memory per rank, GiB (default 32).
+        ddr_gb: host memory per rank, GiB (default 128).
+        intra_host_bw_gbps: rank-to-rank bandwidth inside a host, GB/s (default 600).
+        inter_host_bw_gbps: bandwidth between hosts per rank, GB/s (default 12.5).
+        hbm_bw_gbps: device memory bandwidth, GB/s (default 897).
+        ddr_bw_gbps: host memory bandwidth, GB/s (default 51).
+    """
+
+    world_size: int
+    local_world_size: int
+    compute_device: str = "cuda"
+    hbm_gb: Optional[float] = None
+    ddr_gb: Optional[float] = None
+    intra_host_bw_gbps: Optional[float] = None
+    inter_host_bw_gbps: Optional[float] = None
+    hbm_bw_gbps: Optional[float] = None
+    ddr_bw_gbps: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.world_size <= 0 or self.local_world_size <= 0:
+            raise ValueError(
+                f"world size ({self.world_size}) and local world size ({self.local_world_size})"
+                " must be positive"
+            )
+        if self.world_size % self.local_world_size != 0:
+            raise ValueError(
+                f"world size {self.world_size} is not a multiple of the local world size"
+                f" {self.local_world_size} (ranks per host)"
+            )
+        if self.compute_device not in ("cuda", "cpu"):
+            raise ValueError(f"compute device must be cuda or cpu, got {self.compute_device!r}")
+        for name in (
+            "hbm_gb", "ddr_gb", "intra_host_bw_gbps", "inter_host_bw_gbps", "hbm_bw_gbps", "ddr_bw_gbps"
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    def topology(self) -> Topology:
+        """The planner's ``Topology`` of this cluster (built without any device)."""
+        self.validate()
+
+        def gib(value: Optional[float]) -> Optional[int]:
+            return None if value is None else int(value * GIB)
+
+        def bandwidth(value: Optional[float]) -> Optional[float]:
+            return None if value is None else value * _GBPS_TO_BYTES_PER_MS
+
+        return TopologyFactory.create_topology(
+            trainer_config=TrainerConfig(
+                world_size=self.world_size,
+                local_world_size=self.local_world_size,
+                hbm_cap_bytes=gib(self.hbm_gb),
+                ddr_cap_bytes=gib(self.ddr_gb),
+            ),
+            hardware_config=HardwareConfig(
+                intra_host_bw=bandwidth(self.intra_host_bw_gbps),
+                inter_host_bw=bandwidth(self.inter_host_bw_gbps),
+                hbm_mem_bw=bandwidth(self.hbm_bw_gbps),
+                ddr_mem_bw=bandwidth(self.ddr_bw_gbps),
+            ),
+            kernel_config=KernelConfig(
+                compute_device=self.compute_device, use_hardware_based_bandwidth=True
+            ),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's tables and their inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_ids_per_row(schema: SchemaSpec, model: nn.Module) -> Dict[str, float]:
+    """Mean ids per row of every KJT feature the model's tables read.
+
+    A field's ``mean_length`` from the schema; where the schema only knows the longest list
+    (the Ali-CCP reference sizes) the midpoint ``(1 + max_length) / 2``. MemoNet's pair feature
+    carries ``pairs x hashes`` ids per row.
+    """
+    result = {
+        f.name: f.mean_length if f.mean_length > 0 else (1 + max(f.max_length, 1)) / 2
+        for f in schema.fields
+    }
+    for sub in model.modules():
+        if isinstance(sub, SparseArch) and sub.pair_hash is not None and sub.pair_hash.fields is not None:
+            n = len(sub.pair_hash.fields)
+            result[MEMONET_PAIRS_KEY] = n * (n - 1) // 2 * sub.pair_hash.num_hash
+    return result
+
+
+def embedding_table_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
+    """Table name -> its config (rows, dim, features, data type), over every EBC / EC of
+    ``model``."""
+    result: Dict[str, BaseEmbeddingConfig] = {}
+    for sub in model.modules():
+        if isinstance(sub, EmbeddingBagCollection):
+            result.update({c.name: c for c in sub.embedding_bag_configs()})
+        elif isinstance(sub, EmbeddingCollection):
+            result.update({c.name: c for c in sub.embedding_configs()})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------------------------
+
+
+class PlanDoesNotFit(RuntimeError):
+    """The planner found no plan; the message says what to add."""
+
+
+class _BestPlanCapture(Stats):
+    """Planner stats hook that keeps the chosen sharding options (with their estimates)."""
+
+    def __init__(self) -> None:
+        self.best_plan: List[ShardingOption] = []
+
+    def log(
+        self,
+        sharding_plan: ShardingPlan,
+        topology: Topology,
+        batch_size: int,
+        storage_reservation: StorageReservation,
+        num_proposals: int,
+        num_plans: int,
+        run_time: float,
+        best_plan: List[ShardingOption],
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+        sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+        enumerator: Optional[Enumerator] = None,
+        debug: bool = False,
+        debug_stats: Optional[PlanDebugStats] = None,
+    ) -> None:
+        # The planner also logs its last failed proposal (an empty plan); keep only real plans.
+        if sharding_plan.plan:
+            self.best_plan = list(best_plan)
+
+
+def plan_sharding(
+    module: nn.Module,
+    *,
+    sharders: List[ModuleSharder[nn.Module]],
+    constraints: Dict[str, ParameterConstraints],
+    topology: Topology,
+    batch_size: int,
+    storage_reservation: float,
+    optimizer: str,
+) -> Tuple[ShardingPlan, List[ShardingOption]]:
+    """Runs ``EmbeddingShardingPlanner.plan`` (no process group) and keeps its estimates.
+
+    Args:
+        module: the model, tables on ``meta``, sparse optimiser applied (so the planner counts
+            its state).
+        sharders: the sharders DMP would use.
+        constraints: per-table ``ParameterConstraints`` (pooling factors set for the estimates).
+        topology: from :meth:`ClusterSpec.topology`.
+        batch_size: per-rank batch size.
+        storage_reservation: fraction of each rank's memory kept free for the dense part.
+        optimizer: sparse optimiser name, for the advice when nothing fits.
+
+    Returns:
+        The plan and the chosen sharding options (each shard with rank and storage estimate).
+
+    Raises:
+        PlanDoesNotFit: no plan; the message says how much memory is needed and what to add.
+    """
+    capture = _BestPlanCapture()
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(percentage=storage_reservation),
+        stats=[EmbeddingStats(), capture],
+    )
+    try:
+        plan = planner.plan(module, sharders)
+    except PlannerError as e:
+        raise PlanDoesNotFit(
+            _advice(e, module, sharders, topology, storage_reservation, optimizer, constraints)
+        ) from e
+    return plan, capture.best_plan
+
+
+def _advice(
+    error: PlannerError,
+    module: nn.Module,
+    sharders: List[ModuleSharder[nn.Module]],
+    topology: Topology,
+    storage_reservation: float,
+    optimizer: str,
+    constraints: Dict[str, ParameterConstraints],
+) -> str:
+    """One line: what the tables need, what the topology holds, what to add."""
+    if error.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
+        first = str(error).strip().splitlines()[0]
+        return f"the planner found no plan under the sharding constraints ({first}); relax sharding.tables"
+    need = _table_bytes(module, sharders, optimizer)
+    world = topology.world_size
+    device = topology.devices[0].storage
+    on_gpu = topology.compute_device == "cuda"
+    per_rank = (device.hbm if on_gpu else device.ddr) * (1.0 - storage_reservation)
+    memory = "HBM" if on_gpu else "host memory"
+    min_ranks = math.ceil(need / per_rank)
+    min_per_rank = need / world / (1.0 - storage_reservation)
+    advice = (
+        f"the embedding tables do not fit: weights + {optimizer} state need {need / GIB:,.1f} GiB,"
+        f" {world} ranks x {per_rank / GIB:,.1f} GiB usable {memory} hold {world * per_rank / GIB:,.1f} GiB;"
+        f" add ranks (at least {min_ranks:,} of this size) or {memory} (at least"
+        f" {min_per_rank / GIB:,.1f} GiB per rank on {world})"
+    )
+    uvm_allowed = any(
+        c.compute_kernels and EmbeddingComputeKernel.FUSED_UVM_CACHING.value in c.compute_kernels
+        for c in constraints.values()
+    )
+    if on_gpu and uvm_allowed:
+        advice += (
+            f"; UVM caching is allowed, but each cached table still keeps a cache of"
+            f" {UVM_CACHING_RATIO:.0%} of its rows in HBM"
+        )
+    elif on_gpu:
+        host = world * device.ddr * (1.0 - storage_reservation)
+        fits = "enough" if need <= host else "not enough either"
+        advice += (
+            f", or use UVM caching (--uvm-caching: tables in host memory, {world} x"
+            f" {device.ddr / GIB:,.0f} GiB = {host / GIB:,.1f} GiB usable, {fits})"
+        )
+    return advice
+
+
+def _table_bytes(module: nn.Module, sharders: List[ModuleSharder[nn.Module]], optimizer: str) -> int:
+    """Weights plus fused optimiser state of every table the sharders handle, whatever the plan."""
+    types = {sharder.module_type for sharder in sharders}
+    total = 0
+    for sub in module.modules():
+        if type(sub) not in types:
+            continue
+        for param in sub.parameters():
+            weights = param.numel() * param.element_size()
+            total += weights + math.ceil(weights * optimizer_state_multiplier(optimizer, int(param.shape[1])))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# memory per rank
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankMemory:
+    """Planner storage estimate of one rank, in bytes.
+
+    ``hbm + ddr == weights + optimizer + cache + io``.
+    """
+
+    rank: int
+    hbm: int = 0
+    ddr: int = 0
+    weights: int = 0
+    optimizer: int = 0
+    cache: int = 0
+    io: int = 0
+    hbm_capacity: int = 0
+    ddr_capacity: int = 0
+    tables: List[str] = field(default_factory=list)
+
+
+def _weights_in_host_memory(option: ShardingOption, compute_device: str) -> bool:
+    return compute_device == "cpu" or option.compute_kernel in _HOST_MEMORY_KERNELS
+
+
+def rank_memory(options: List[ShardingOption], topology: Topology, optimizer: str) -> List[RankMemory]:
+    """Sums the planner's shard storage estimates per rank and splits them (module docstring)."""
+    ranks = [
+        RankMemory(rank=r, hbm_capacity=d.storage.hbm, ddr_capacity=d.storage.ddr)
+        for r, d in enumerate(topology.devices)
+    ]
+    for option in options:
+        rows, dim = option.tensor.shape
+        multiplier = optimizer_state_multiplier(optimizer, int(dim))
+        in_host = _weights_in_host_memory(option, topology.compute_device)
+        cached = option.compute_kernel == EmbeddingComputeKernel.FUSED_UVM_CACHING.value
+        for shard in option.shards:
+            if shard.rank is None or shard.storage is None:
+                raise ValueError(f"table {option.name}: the planner left a shard without rank or storage")
+            memory = ranks[shard.rank]
+            weights = math.prod(shard.size) * option.tensor.element_size()
+            state = math.ceil(weights * multiplier)
+            memory.hbm += shard.storage.hbm
+            memory.ddr += shard.storage.ddr
+            memory.weights += weights
+            memory.optimizer += state
+            if in_host:
+                # Weights and state in DDR; the device part (if any) is cache or I/O buffers.
+                memory.io += shard.storage.ddr - weights - state
+                if cached:
+                    memory.cache += shard.storage.hbm
+                else:
+                    memory.io += shard.storage.hbm
+            else:
+                memory.io += shard.storage.hbm - weights - state + shard.storage.ddr
+            if option.name not in memory.tables:
+                memory.tables.append(option.name)
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# all-to-all traffic per batch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommsEstimate:
+    """Bytes one rank sends per training batch, averaged over ranks, and their time.
+
+    Args:
+        input_ids: sparse input all-to-all (ids, lengths, per-id weights).
+        embeddings_fwd: pooled (or per-id, for sequence tables) embeddings, forward.
+        gradients_bwd: their gradients in backward (same size as forward).
+        dense_allreduce: ring all-reduce of the dense parameters and data-parallel tables.
+        intra_host, inter_host: the total split by where it travels.
+        seconds: ``intra_host / intra_bw + inter_host / inter_bw`` (bandwidth-bound, no overlap).
+        planner_comms_ms_max: the planner's own comms estimate (fwd + bwd + input dist) of the
+            busiest rank, milliseconds.
+    """
+
+    input_ids: float = 0.0
+    embeddings_fwd: float = 0.0
+    gradients_bwd: float = 0.0
+    dense_allreduce: float = 0.0
+    intra_host: float = 0.0
+    inter_host: float = 0.0
+    seconds: float = 0.0
+    planner_comms_ms_max: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.input_ids + self.embeddings_fwd + self.gradients_bwd + self.dense_allreduce
+
+
+def _off_host_share(world_size: int, local_world_size: int) -> float:
+    """Share of a rank's traffic to the other ranks that leaves its host (uniform peers)."""
+    if world_size <= 1:
+        return 0.0
+    return (world_size - local_world_size) / (world_size - 1)
+
+
+class _Traffic(NamedTuple):
+    """Bytes one rank sends for one table per batch, and how many of them stay on the host."""
+
+    ids: float
+    out: float
+    ids_intra: float
+    out_intra: float
+
+
+def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: int) -> _Traffic:
+    """Input-id and forward-embedding bytes per rank for one table (backward = forward).
+
+    Formulas (``B`` per-rank batch, ``W`` ranks, ``L`` ranks per host, ``n`` ids per row of the
+    table, ``k`` features, ``D`` dim, ``S`` shards; ``(W-1)/W`` of an all-to-all leaves a rank,
+    ``(W-L)/(W-1)`` of that leaves the host):
+
+    * table_wise: ids ``B (8n + 4k) (W-1)/W``; output ``B D' (W-1)/W``
+    * column_wise / table_column_wise: ids ``S`` times (every column shard gets every id);
+      output as table_wise (the shards' columns add up to ``D``)
+    * row_wise: ids ``B 8n (W-1)/W`` plus lengths ``B 4k`` to every other rank; pooled output
+      is a reduce-scatter of ``[W B, D]`` partial sums: ``(W-1) B D'``; a sequence table's
+      looked-up rows travel once: ``B D' (W-1)/W``
+    * table_row_wise: row_wise among the ``L`` ranks of the table's host (lengths to ``L``
+      ranks, reduce-scatter ``(L-1) B D'`` inside the host), then ``B D' (W-L)/W`` across hosts
+    * grid_shard: table_row_wise per column group (ids go to every column group)
+    * data_parallel: nothing (its gradients join the dense all-reduce)
+
+    with ``D' = 4 D k`` bytes per row for pooled tables and ``4 D n`` for sequence tables.
+    """
+    if option.sharding_type == ShardingType.DATA_PARALLEL.value:
+        return _Traffic(0.0, 0.0, 0.0, 0.0)
+    ids_per_row = float(sum(option.input_lengths))
+    features = len(option.input_lengths)
+    dim = int(option.tensor.shape[1])
+    id_bytes = _ID_BYTES + (_PER_ID_WEIGHT_BYTES if option.is_weighted else 0)
+    out_per_row = _OUTPUT_BYTES * dim * (features if option.is_pooled else ids_per_row)
+    off_rank = (world - 1) / world
+    intra = 1.0 - _off_host_share(world, local)
+    sharding = option.sharding_type
+    if sharding in (
+        ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value
+    ):
+        copies = 1 if sharding == ShardingType.TABLE_WISE.value else len(option.shards)
+        ids = copies * batch_size * (id_bytes * ids_per_row + _LENGTH_BYTES * features) * off_rank
+        out = batch_size * out_per_row * off_rank
+        return _Traffic(ids, out, ids * intra, out * intra)
+    if sharding == ShardingType.ROW_WISE.value:
+        ids = batch_size * (id_bytes * ids_per_row * off_rank + _LENGTH_BYTES * features * (world - 1))
+        out = (world - 1) * batch_size * out_per_row if option.is_pooled else batch_size * out_per_row * off_rank
+        return _Traffic(ids, out, ids * intra, out * intra)
+    if sharding in (ShardingType.TABLE_ROW_WISE.value, ShardingType.GRID_SHARD.value):
+        column_groups = len({tuple(s.offset[1:]) for s in option.shards})
+        ids = column_groups * batch_size * (id_bytes * ids_per_row + _LENGTH_BYTES * features * local) * off_rank
+        out_intra = (local - 1) * batch_size * out_per_row
+        out = out_intra + batch_size * out_per_row * (world - local) / world
+        return _Traffic(ids, out, ids * intra, out_intra)
+    raise ValueError(f"table {option.name}: no traffic model for sharding type {sharding!r}")
+
+
+def estimate_comms(
+    options: List[ShardingOption],
+    topology: Topology,
+    batch_size: int,
+    dense_params: int,
+) -> CommsEstimate:
+    """All-to-all and all-reduce bytes per rank and batch (see :func:`_option_traffic`).
+
+    Args:
+        options: the chosen sharding options.
+        topology: the cluster (world size, ranks per host, bandwidths).
+        batch_size: per-rank batch size.
+        dense_params: parameters outside the sharded tables (all-reduced by DDP).
+    """
+    world, local = topology.world_size, topology.local_world_size
+    estimate = CommsEstimate()
+    dp_params = 0
+    for option in options:
+        if option.sharding_type == ShardingType.DATA_PARALLEL.value:
+            dp_params += math.prod(option.tensor.shape)
+            continue
+        traffic = _option_traffic(option, batch_size, world, local)
+        estimate.input_ids += traffic.ids
+        estimate.embeddings_fwd += traffic.out
+        estimate.gradients_bwd += traffic.out
+        estimate.intra_host += traffic.ids_intra + 2 * traffic.out_intra
+        estimate.inter_host += traffic.ids - traffic.ids_intra + 2 * (traffic.out - traffic.out_intra)
+    # Ring all-reduce: each rank sends 2 (W-1)/W of the gradient bytes; the ring crosses hosts
+    # when there is more than one, so its slowest link sets the pace.
+    allreduce = 2.0 * (world - 1) / world * (dense_params + dp_params) * _OUTPUT_BYTES if world > 1 else 0.0
+    estimate.dense_allreduce = allreduce
+    if world > local:
+        estimate.inter_host += allreduce
+    else:
+        estimate.intra_host += allreduce
+    # Bandwidths are bytes/ms.
+    estimate.seconds = (
+        estimate.intra_host / topology.intra_host_bw + estimate.inter_host / topology.inter_host_bw
+    ) / 1000.0
+    per_rank_ms = [0.0] * world
+    for option in options:
+        for shard in option.shards:
+            if shard.perf is not None and shard.rank is not None:
+                per_rank_ms[shard.rank] += (
+                    shard.perf.fwd_comms + shard.perf.bwd_comms + shard.perf.input_dist_comms
+                )
+    estimate.planner_comms_ms_max = max(per_rank_ms) if per_rank_ms else 0.0
+    return estimate
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TablePlacement:
+    """How one table was sharded."""
+
+    name: str
+    rows: int
+    dim: int
+    bytes_per_value: int
+    sharding_type: str
+    compute_kernel: str
+    ids_per_row: float
+    shards: List[Dict[str, Any]]
+
+
+@dataclass
+class PlanReport:
+    """Everything ``dtn-plan`` prints and writes as JSON."""
+
+    cluster: Dict[str, Any]
+    batch_size: int
+    optimizer: str
+    storage_reservation: float
+    tables: List[TablePlacement]
+    ranks: List[RankMemory]
+    comms: CommsEstimate
+    dense_params: int
+
+    @property
+    def table_bytes(self) -> int:
+        """Weights of every table once (data-parallel tables counted once)."""
+        return sum(t.rows * t.dim * t.bytes_per_value for t in self.tables)
+
+    def to_json(self) -> Dict[str, Any]:
+        comms = asdict(self.comms)
+        comms["total"] = self.comms.total
+        return {
+            "fits": True,
+            "cluster": self.cluster,
+            "batch_size": self.batch_size,
+            "optimizer": self.optimizer,
+            "storage_reservation": self.storage_reservation,
+            "dense_params": self.dense_params,
+            "table_bytes": self.table_bytes,
+            "tables": [asdict(t) for t in self.tables],
+            "ranks": [asdict(r) for r in self.ranks],
+            "comms_per_batch": comms,
+        }
+
+
+def build_report(
+    options: List[ShardingOption],
+    *,
+    cluster: ClusterSpec,
+    topology: Topology,
+    batch_size: int,
+    optimizer: str,
+    storage_reservation: float,
+    dense_params: int,
+) -> PlanReport:
+    """Per-table placement, per-rank memory and traffic of a plan."""
+    tables = [
+        TablePlacement(
+            name=o.name,
+            rows=int(o.tensor.shape[0]),
+            dim=int(o.tensor.shape[1]),
+            bytes_per_value=o.tensor.element_size(),
+            sharding_type=o.sharding_type,
+            compute_kernel=o.compute_kernel,
+            ids_per_row=float(sum(o.input_lengths)),
+            shards=[
+                {"rank": s.rank, "offsets": list(s.offset), "sizes": list(s.size)} for s in o.shards
+            ],
+        )
+        for o in options
+    ]
+    return PlanReport(
+        cluster=asdict(cluster),
+        batch_size=batch_size,
+        optimizer=optimizer,
+        storage_reservation=storage_reservation,
+        tables=tables,
+        ranks=rank_memory(options, topology, optimizer),
+        comms=estimate_comms(options, topology, batch_size, dense_params),
+        dense_params=dense_params,
+    )
+
+
+def pooling_constraints(
+    constraints: Mapping[str, ParameterConstraints],
+    table_features: Mapping[str, List[str]],
+    ids_per_row: Mapping[str, float],
+    keep: AbstractSet[str] = frozenset(),
+) -> None:
+    """Sets each table's pooling factors to the data's ids per row of each of its features.
+
+    The planner's I/O buffer, traffic and cost estimates all scale with these factors.
+
+    Args:
+        constraints: per-table constraints, updated in place.
+        table_features: table -> its feature (KJT key) names.
+        ids_per_row: feature -> mean ids per row (features not listed: 1).
+        keep: tables whose configured pooling factor stays.
+    """
+    for table, constraint in constraints.items():
+        if table in keep:
+            continue
+        constraint.pooling_factors = [
+            max(1.0, float(ids_per_row.get(f, 1.0))) for f in table_features[table]
+        ]

@@ -1,0 +1,195 @@
+"""Benchmark scripts: smoke runs at tiny sizes (keys and aggregation of the JSON, never timings),
+and the pieces they are built from (synthetic data, the reference's plain tables)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from common import WindowSpec, timed_windows, update_bytes_per_id  # noqa: E402
+from reference import PlainEmbeddingBags, collate_rows, ParquetRows  # noqa: E402
+from synthetic import SyntheticField, log_spaced_fields, write_dataset  # noqa: E402
+
+from dtn_torchrec.data.reader import ParquetBatchReader  # noqa: E402
+
+
+def _run(script: str, tmp_path: Path, *args: str) -> Dict[str, Any]:
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--threads", "1", "--data", str(tmp_path / "data"),
+         "--out", str(out), *args],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _check_measurement(record: Dict[str, Any], ranks: int, windows: int) -> None:
+    """Rank records hold ``windows`` rates whose median is the rank's rate; the run's rate is the
+    sum over ranks."""
+    assert len(record["ranks"]) == ranks
+    for rank in record["ranks"]:
+        assert len(rank["windows"]) == windows and all(w > 0 for w in rank["windows"])
+        assert rank["samples_per_s"] == statistics.median(rank["windows"])
+        assert rank["peak_rss_bytes"] > 0
+    assert record["samples_per_s"] == pytest.approx(sum(r["samples_per_s"] for r in record["ranks"]))
+    assert record["peak_rss_bytes_per_rank"] == [r["peak_rss_bytes"] for r in record["ranks"]]
+
+
+def _check_throughput(result: Dict[str, Any], ranks: int, models: List[str]) -> None:
+    assert result["benchmark"] == "throughput"
+    assert set(result["roofline"]["1"]) == {"gemm_peak_flops", "copy_bandwidth", "threads"}
+    assert [r["model"] for r in result["results"]] == models
+    for r in result["results"]:
+        assert r["ranks"] == ranks
+        _check_measurement(r["ours"], ranks, windows=3)
+        _check_measurement(r["reference"], ranks, windows=3)
+        assert r["ratio"] == pytest.approx(r["ours"]["samples_per_s"] / r["reference"]["samples_per_s"])
+        assert r["train_flops_per_sample"] > 0 and r["embedding_bytes_per_sample"] > 0
+        per_rank = r["ours"]["samples_per_s"] / ranks
+        assert r["achieved_dense_flops_per_rank"] == pytest.approx(r["train_flops_per_sample"] * per_rank)
+        roofline = result["roofline"]["1"]
+        assert r["fraction_of_gemm_peak"] == pytest.approx(
+            r["achieved_dense_flops_per_rank"] / roofline["gemm_peak_flops"]
+        )
+        assert r["fraction_of_copy_bandwidth"] == pytest.approx(
+            r["embedding_bytes_per_sample"] * per_rank / roofline["copy_bandwidth"]
+        )
+
+
+def test_throughput_smoke_one_rank(tmp_path: Path) -> None:
+    _check_throughput(_run("throughput.py", tmp_path, "--models", "mmoe", "--ranks", "1"), 1, ["mmoe"])
+
+
+@pytest.mark.slow
+def test_throughput_smoke_two_ranks(tmp_path: Path) -> None:
+    models = ["shared_bottom", "ple", "dtn"]
+    _check_throughput(_run("throughput.py", tmp_path, "--models", ",".join(models), "--ranks", "2"), 2, models)
+
+
+def _check_vocab(result: Dict[str, Any], ranks: int) -> None:
+    assert result["benchmark"] == "vocab_scaling"
+    assert [(r["model"], r["scale"]) for r in result["results"]] == [("mmoe", 1), ("mmoe", 10)]
+    x1, x10 = result["results"]
+    assert x10["table_rows"] == 10 * x1["table_rows"] - 9 * 20  # 20 fields, each + the reserved id 0
+    for r in result["results"]:
+        _check_measurement(r["ours"], ranks, windows=3)
+        _check_measurement(r["reference"], ranks, windows=3)
+        assert r["ratio"] == pytest.approx(r["ours"]["samples_per_s"] / r["reference"]["samples_per_s"])
+        assert r["estimated_bytes"]["reference"] > r["estimated_bytes"]["ours"]
+    assert result["reference_largest_scale"] == {"mmoe": 10}
+    found = {t["target"]: t for t in result["targets"]}
+    assert found["MMoE x1: ours / reference >= 1.5"]["value"] == pytest.approx(x1["ratio"])
+    assert found["MMoE x1: ours / reference >= 1.5"]["met"] == (x1["ratio"] >= 1.5)
+    assert found["mmoe ours x1000 trains"]["met"] is None  # no x1000 in a smoke run
+
+
+def test_vocab_scaling_smoke_one_rank(tmp_path: Path) -> None:
+    _check_vocab(_run("vocab_scaling.py", tmp_path, "--models", "mmoe", "--ranks", "1"), 1)
+
+
+@pytest.mark.slow
+def test_vocab_scaling_smoke_two_ranks_row_wise(tmp_path: Path) -> None:
+    result = _run("vocab_scaling.py", tmp_path, "--models", "mmoe", "--ranks", "2")
+    _check_vocab(result, 2)
+    for rank in result["results"][0]["ours"]["ranks"]:
+        assert set(rank["sharding"].values()) == {"row_wise"}
+
+
+def test_vocab_scaling_refuses_the_reference_over_budget(tmp_path: Path) -> None:
+    # x1 of a 1000-row schema at dim 16: the reference needs ~4 x 74 KB x 4 bytes; 1 KB is too little.
+    result = _run("vocab_scaling.py", tmp_path, "--models", "mmoe", "--ranks", "1", "--memory-budget-gb", "1e-6")
+    for r in result["results"]:
+        assert r["ours"]["samples_per_s"] is None and r["reference"]["samples_per_s"] is None
+        assert "budget" in r["reference"]["skipped"]
+    assert result["reference_largest_scale"] == {}
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def test_timed_windows_runs_warmup_then_windows() -> None:
+    calls: List[int] = []
+
+    def step() -> int:
+        calls.append(1)
+        return 8
+
+    rates = timed_windows(step, WindowSpec(warmup_steps=2, steps=3, windows=4))
+    assert len(calls) == 2 + 3 * 4 and len(rates) == 4 and all(r > 0 for r in rates)
+
+
+def test_update_bytes_per_id() -> None:
+    assert update_bytes_per_id("rowwise_adagrad", 16) == 4 * (2 * 16 + 2)
+    assert update_bytes_per_id("adam", 16) == 4 * (2 * 16 + 4 * 16)
+    assert update_bytes_per_id("sgd", 8) == 4 * 16
+
+
+def test_log_spaced_fields() -> None:
+    fields = log_spaced_fields(20, 10, 100_000, scale=1000)
+    assert len(fields) == 20
+    assert fields[0].num_embeddings == 10 * 1000 + 1 and fields[-1].num_embeddings == 100_000 * 1000 + 1
+    sizes = [f.num_embeddings for f in fields]
+    assert sizes == sorted(sizes)
+
+
+def test_synthetic_dataset_matches_its_schema_and_reads(tmp_path: Path) -> None:
+    fields = [
+        SyntheticField("a", 50),
+        SyntheticField("b", 7, min_length=2, max_length=5, present=0.5),
+    ]
+    schema = write_dataset(tmp_path, fields, rows=300, seed=1, ids="zipf")
+    table = pq.read_table(tmp_path / "train" / "part-00000.parquet")
+    assert table.num_rows == 300 == schema.splits["train"].rows
+    assert pq.ParquetFile(tmp_path / "train" / "part-00000.parquet").metadata.num_row_groups >= 8
+    for f, spec in zip(fields, schema.fields):
+        lists = table.column(f.name).to_pylist()
+        lengths = [len(x) for x in lists]
+        assert spec.mean_length == pytest.approx(np.mean(lengths))
+        assert spec.max_length == max(lengths) <= f.max_length
+        assert all(1 <= i < f.num_embeddings for x in lists for i in x)
+    assert any(n == 0 for n in (len(x) for x in table.column("b").to_pylist()))
+    reader = ParquetBatchReader(str(tmp_path), "train", 64, prefetch_batches=0)
+    batch = next(iter(reader))
+    assert batch.sparse_features.keys() == ["a", "b"] and batch.labels.shape == (64, 2)
+
+
+def test_reference_tables_pool_like_torchrec(tmp_path: Path) -> None:
+    """The plain nn.EmbeddingBag twin gives TorchRec's EBC output for the same weights and the
+    per-row collate builds the reader's KJT."""
+    fields = [SyntheticField("a", 30, 1, 3), SyntheticField("b", 20, 0, 4, present=0.7)]
+    schema = write_dataset(tmp_path, fields, rows=64, seed=3, ids="uniform")
+    ebc = EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=4, num_embeddings=f.num_embeddings,
+                                   feature_names=[f.name]) for f in fields],
+    )
+    plain = PlainEmbeddingBags(ebc)
+    with torch.no_grad():
+        for f in fields:
+            plain.bags[f"t_{f.name}"].weight.copy_(ebc.embedding_bags[f"t_{f.name}"].weight)
+    rows = ParquetRows(str(tmp_path), schema, "train")
+    batch = collate_rows([rows[i] for i in range(16)], schema.field_names)
+    read = next(iter(ParquetBatchReader(str(tmp_path), "train", 16, prefetch_batches=0)))
+    kjt: KeyedJaggedTensor = batch.sparse_features
+    assert torch.equal(kjt.values(), read.sparse_features.values())
+    assert torch.equal(kjt.lengths(), read.sparse_features.lengths())
+    assert torch.equal(batch.labels, read.labels)
+    expected, got = ebc(kjt).to_dict(), plain(kjt).to_dict()
+    for f in fields:
+        assert torch.allclose(got[f.name], expected[f.name])
