@@ -32,3 +32,8 @@ torchx run -s local_cwd launchers/components.py:train -j "$job" \
 
 echo "== result (test split)"
 python launchers/demo_report.py "$demo_dir/train/summary.json" "$demo_dir/raw/truth.json"
+
+echo "== dtn-analyze: per-task feature importance of the demo model"
+dtn-analyze --config "$config" --checkpoint "$demo_dir/train" --input "$demo_dir/data" \
+    --output "$demo_dir/analysis" --max-rows 5000 --repeats 2 data.path="$demo_dir/data"
+echo "plots: $demo_dir/analysis/*.png"
