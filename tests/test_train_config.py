@@ -11,7 +11,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 import pytest
 
 from dtn_torchrec.train.config import load_run_config, run_config_to_dict
-from dtn_torchrec.train.dataclass_config import (
+from dtn_torchrec.dataclass_config import (
     ConfigError,
     apply_overrides,
     dataclass_from_dict,

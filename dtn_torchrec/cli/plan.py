@@ -51,7 +51,7 @@ from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.models.config import ModelConfig
 from dtn_torchrec.models.stats import aliccp_reference_schema, count_parameters
 from dtn_torchrec.train.config import load_run_config
-from dtn_torchrec.train.dataclass_config import ConfigError
+from dtn_torchrec.dataclass_config import ConfigError
 
 PROG = "dtn-plan"
 DEFAULT_LOCAL_WORLD_SIZE = 8

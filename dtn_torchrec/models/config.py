@@ -18,12 +18,10 @@ Only the section named by ``name`` is used; the others keep their defaults.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Type, TypeVar
+from typing import Any, Dict, List, Mapping
 
+from dtn_torchrec.dataclass_config import dataclass_from_dict
 from dtn_torchrec.models.embedding import EmbeddingConfig
 from dtn_torchrec.models.experts import ExpertConfig
 
@@ -34,7 +32,6 @@ DTN_VARIANTS = ("reference", "paper")
 RELATIONS = ("none", "esmm")
 TOWER_ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
-T = TypeVar("T")
 
 
 def _one_of(key: str, value: str, allowed: tuple) -> None:
@@ -220,92 +217,6 @@ class ModelConfig:
         if self.name == "ple":
             return [self.ple.expert]
         return list(self.dtn.methods)
-
-
-# ---------------------------------------------------------------------------------------------
-# dict -> dataclass, with type checks and dotted key names in errors
-# ---------------------------------------------------------------------------------------------
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ValueError(f"{key}: must not be null")
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key)
-    if dataclasses.is_dataclass(tp):
-        return dataclass_from_dict(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return {
-            _convert(k, args[0], f"{key} key {k!r}"): _convert(v, args[1], f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")
-
-
-def dataclass_from_dict(cls: Type[T], data: Any, key: str = "") -> T:
-    """Builds the dataclass ``cls`` from nested dicts/lists, checking every key and value type.
-
-    Supports int, float (ints and numeric strings accepted), str, bool, Optional, List, Dict and
-    nested dataclasses. Missing keys take the defaults.
-
-    Raises:
-        ValueError: unknown key, wrong type, or a value the dataclass rejects; the message starts
-            with the dotted key (relative to ``key``).
-    """
-    where = key or cls.__name__
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ValueError(f"{_join(key, str(unknown[0]))}: unknown key (known keys: {', '.join(names)})")
-    kwargs = {name: _convert(data[name], hints[name], _join(key, name)) for name in names if name in data}
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        message = str(e)
-        raise ValueError(message if not key or message.startswith(key) else f"{key}: {message}") from e
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:

@@ -32,7 +32,7 @@ from dtn_torchrec.distributed.config import (
     SparseOptimizerConfig,
 )
 from dtn_torchrec.models.config import ModelConfig, model_config_from_dict
-from dtn_torchrec.train.dataclass_config import ConfigError, apply_overrides, dataclass_from_dict
+from dtn_torchrec.dataclass_config import ConfigError, apply_overrides, dataclass_from_dict
 
 
 @dataclass

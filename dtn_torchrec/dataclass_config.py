@@ -1,6 +1,7 @@
 """Dataclasses from nested dicts (YAML), with type checking, and ``dotted.key=value`` overrides.
 
-Used for the run config of ``dtn-train``; any dataclass tree works::
+Used for every config of the project (``dtn-train``'s run config, the model config); any
+dataclass tree works::
 
     raw = apply_overrides(yaml.safe_load(text), ["train.epochs=3", "data.shuffle=false"])
     cfg = dataclass_from_dict(MyConfig, raw)     # ConfigError naming the dotted key on bad input
@@ -131,7 +132,8 @@ def dataclass_from_dict(cls: Type[T], data: Any, key: str = "") -> T:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+        message = str(e)
+        raise ConfigError(message if not key or message.startswith(key) else f"{key}: {message}") from e
 
 
 def _join(prefix: str, name: str) -> str:
