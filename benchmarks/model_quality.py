@@ -11,10 +11,12 @@ logistic-regression-on-embeddings baseline, over seeds.
 
 Protocol (the same for every model): unsharded (a demo data set's tables fit anywhere: this
 measures the models, not the distribution), one thread per run, one Adam optimiser over all
-parameters with an L2 penalty on the embedding tables, the same batch size, learning rate and
-epoch budget. The penalty is on whole tables, as Keras' ``embeddings_regularizer``: under Adam
-the rows of ids absent from a batch shrink too, so ids too rare to estimate stay near zero
-instead of memorising their few labels. When the data set has a ``valid`` split
+parameters, the same batch size, learning rate and epoch budget. By default the embedding
+tables get no L2 penalty, as in ``dtn-train`` on CPU (FBGEMM's CPU kernels have no weight decay
+for the fused table optimisers), so this measures the models as the product trains them.
+``--embedding-l2`` adds one on whole tables, as Keras' ``embeddings_regularizer`` (under Adam the
+rows of ids absent from a batch shrink too): it narrows the gap between DTN and the MLP-expert
+models at ~100k rows (README, "Model quality"). When the data set has a ``valid`` split
 (``dtn-prepare --valid-fraction``), each model trains until its mean valid AUC over the tasks has
 not improved for ``--patience`` epochs (at most ``--epochs``) and the test AUC is that of its
 best valid epoch; without one, every model trains exactly ``--epochs``. The baseline is the
@@ -43,7 +45,7 @@ import torch
 import yaml
 from torch import nn
 
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
@@ -90,7 +92,7 @@ class TrainSettings:
     patience: int = 1
     batch_size: int = 512
     lr: float = 2e-3
-    embedding_l2: float = 1e-3
+    embedding_l2: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
@@ -135,8 +137,14 @@ def build_candidate(candidate: str, schema: SchemaSpec, reference: ModelConfig) 
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Adam:
-    """Adam over every parameter; the embedding tables' group carries the L2 penalty."""
-    tables = {id(p): p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()}
+    """Adam over every parameter; the embedding tables' group (field tables, MemoNet codebooks)
+    carries the L2 penalty."""
+    tables = {
+        id(p): p
+        for m in model.modules()
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+        for p in m.parameters()
+    }
     dense = [p for p in model.parameters() if id(p) not in tables]
     return torch.optim.Adam(
         [{"params": dense, "weight_decay": 0.0},

@@ -257,11 +257,8 @@ class Trainer:
     def _train_steps(self, batches: Iterator[Batch]) -> Iterator[Tuple[torch.Tensor, ...]]:
         """One optimizer step per batch; yields the model's ``(loss, logits, labels)``."""
         if self._pipeline is not None:
-            while True:
-                try:
-                    yield self._pipeline.progress(batches)
-                except StopIteration:
-                    return
+            yield from self._pipeline_outputs(batches)
+            return
         for batch in batches:
             batch = batch.to(self._device)
             self._optimizer.zero_grad()
@@ -273,14 +270,21 @@ class Trainer:
     def _forward_all(self, batches: Iterator[Batch]) -> Iterator[Tuple[torch.Tensor, ...]]:
         """Forward only (the model in eval mode): ``(loss, logits, labels)`` per batch."""
         if self._pipeline is not None:
-            while True:
-                try:
-                    yield self._pipeline.progress(batches)
-                except StopIteration:
-                    return
+            yield from self._pipeline_outputs(batches)
+            return
         for batch in batches:
             _, output = self._model(batch.to(self._device))
             yield output
+
+    def _pipeline_outputs(self, batches: Iterator[Batch]) -> Iterator[Tuple[torch.Tensor, ...]]:
+        """Runs ``TrainPipelineSparseDist.progress`` until ``batches`` is exhausted (a training
+        step in train mode, a forward in eval mode); yields each ``(loss, logits, labels)``."""
+        assert self._pipeline is not None
+        while True:
+            try:
+                yield self._pipeline.progress(batches)
+            except StopIteration:
+                return
 
     def _after_step(self, output: Tuple[torch.Tensor, ...]) -> None:
         loss, logits, labels = output
