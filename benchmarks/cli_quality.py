@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from common import format_table, machine_info, write_json
+from common import format_table, machine_info
+
+from dtn_torchrec.atomic_files import write_json_atomic
 
 ESMM_OVERRIDES = ["model.loss.relation=esmm", "model.loss.product_of={conversion: [click]}"]
 TEST_SPLIT = "test"
@@ -142,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
     }
     print(table(result))
-    write_json(args.out, result)
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

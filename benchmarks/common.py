@@ -327,17 +327,6 @@ def update_bytes_per_id(optimizer: str, dim: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Writes ``obj`` as JSON atomically (temp file + rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, target)
-    return target
-
-
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
     """A plain text table; the first ``left`` columns left-aligned, the rest right-aligned."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]

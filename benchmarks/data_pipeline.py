@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import yaml
 
+from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.prepare_reference import reference_parse_raw
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import ALICCP_FIELDS, SchemaSpec
@@ -197,9 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v:>12}")
     if args.out:
-        tmp = f"{args.out}.tmp"
-        Path(tmp).write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, result)
     # Not shutdown_and_exit: a single process, no collective left to finish.
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ from torch import nn
 
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
+from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.models.builder import build_train_model
@@ -309,9 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.out:
-        tmp = f"{args.out}.tmp"
-        Path(tmp).write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, result)
     return 0
 
 

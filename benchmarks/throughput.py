@@ -45,8 +45,8 @@ from common import (
     model_gemm_flops_per_s,
     run_ranks,
     update_bytes_per_id,
-    write_json,
 )
+from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.plan_report import embedding_table_configs, feature_ids_per_row
 from dtn_torchrec.models.builder import build_model
@@ -226,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{100 * r['fraction_of_copy_bandwidth']:.1f}") for r in results],
     ))
     if args.out:
-        write_json(args.out, {
+        write_json_atomic(args.out, {
             "benchmark": "throughput",
             "machine": machine_info(),
             "args": vars(args),

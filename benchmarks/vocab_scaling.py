@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from common import TrainRun, WindowSpec, combine_ranks, format_table, machine_info, run_ranks, write_json
+from common import TrainRun, WindowSpec, combine_ranks, format_table, machine_info, run_ranks
+from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.plan_report import GIB, optimizer_state_multiplier
 from dtn_torchrec.models.builder import build_model
@@ -208,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        [(t["target"], "-" if t["value"] is None else f"{t['value']:,.2f}",
                          {True: "yes", False: "no", None: "not measured"}[t["met"]]) for t in found]))
     if args.out:
-        write_json(args.out, {
+        write_json_atomic(args.out, {
             "benchmark": "vocab_scaling",
             "machine": machine_info(),
             "args": vars(args),

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 from dtn_torchrec.analysis.gates import GateUsage
 from dtn_torchrec.analysis.importance import IMPORTANCE_METRICS, ImportanceResult
 from dtn_torchrec.analysis.plots import plot_divergence, plot_gate_usage, plot_importance_heatmap
-from dtn_torchrec.train.summary import write_json_atomic
+from dtn_torchrec.atomic_files import write_json_atomic
 
 IMPORTANCE_CSV = "importance.csv"
 DIVERGENCE_CSV = "divergence.csv"

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 import torch
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 
+from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.config import ShardingConfig
 from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer
@@ -209,15 +206,6 @@ def format_report(report: PlanReport, show_ranks: int) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, obj: Dict[str, Any]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, target)
-
-
 def _fail(message: str) -> int:
     print(f"{PROG}: {message}", file=sys.stderr)
     return 1
@@ -290,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except PlanDoesNotFit as e:
         if args.json:
-            _write_json(args.json, {"fits": False, "reason": str(e)})
+            write_json_atomic(args.json, {"fits": False, "reason": str(e)})
         return _fail(str(e))
     except (ConfigError, OSError, ValueError) as e:
         return _fail(str(e))
@@ -299,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{PROG}: {args.config} (model {cfg.model.name}; {source}{scale})")
     print(format_report(report, args.show_ranks))
     if args.json:
-        _write_json(args.json, {"config": args.config, "table_scale": args.table_scale, **report.to_json()})
+        write_json_atomic(args.json, {"config": args.config, "table_scale": args.table_scale, **report.to_json()})
     print(f"fits: yes, every rank within its {'HBM' if args.compute_device == 'cuda' else 'host memory'}")
     return 0
 

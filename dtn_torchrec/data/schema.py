@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from dtn_torchrec.atomic_files import write_json_atomic
+
 SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 SAMPLE_ID_COLUMN = "sample_id"
@@ -114,11 +116,7 @@ class SchemaSpec:
         return SchemaSpec(**obj)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / SCHEMA_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(Path(directory) / SCHEMA_FILE, self.to_json())
 
     @staticmethod
     def load(directory: str | os.PathLike) -> "SchemaSpec":

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SAMPLE_ID_COLUMN, SchemaSpec
@@ -40,7 +41,6 @@ from dtn_torchrec.serving.loading import (
 from dtn_torchrec.serving.output import check_output_dir, make_staging_dir, replace_directory
 from dtn_torchrec.train.config import RunConfig
 from dtn_torchrec.train.metrics import EvalAccumulator
-from dtn_torchrec.train.summary import write_json_atomic
 
 PREDICTIONS_DIR = "predictions"
 METRICS_FILE = "metrics.json"

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from dtn_torchrec.atomic_files import write_json_atomic, write_text_atomic
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
@@ -30,12 +31,7 @@ from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.train.config import RunConfig, run_config_to_dict
 from dtn_torchrec.train.loop import RANK_LOCAL_KEYS, Trainer
 from dtn_torchrec.train.progress import ProgressReporter
-from dtn_torchrec.train.summary import (
-    SUMMARY_FILE,
-    build_summary,
-    write_json_atomic,
-    write_text_atomic,
-)
+from dtn_torchrec.train.summary import SUMMARY_FILE, build_summary
 
 CHECKPOINT_DIR = "checkpoints"
 PLAN_FILE = "plan.json"
