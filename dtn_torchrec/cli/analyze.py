@@ -24,6 +24,7 @@ from typing import List, NoReturn, Optional
 
 from dtn_torchrec.analysis.analyze import analyze
 from dtn_torchrec.analysis.importance import RANK_BY, ImportanceConfig
+from dtn_torchrec.cli.common import add_overrides_argument, fail
 from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
 from dtn_torchrec.train.config import ConfigError, load_run_config
 
@@ -74,27 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, help="rows per forward (default: data.eval_batch_size)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="dotted.key=value",
-        help="config overrides, the value read as YAML",
-    )
+    add_overrides_argument(parser)
     return parser
-
-
-def _fail(code: int, message: str) -> NoReturn:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    shutdown_and_exit(code)
 
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _fail(2, "dtn-analyze runs as one process, not under torchrun with several workers")
+        fail(PROG, 2, "dtn-analyze runs as one process, not under torchrun with several workers")
     if args.max_rows < 1:
-        _fail(2, f"--max-rows must be >= 1, got {args.max_rows}")
+        fail(PROG, 2, f"--max-rows must be >= 1, got {args.max_rows}")
     try:
         cfg = load_run_config(args.config, args.overrides)
         importance = ImportanceConfig(
@@ -104,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
             rank_by=args.rank_by,
         )
     except (ConfigError, ValueError) as e:
-        _fail(2, str(e))
+        fail(PROG, 2, str(e))
     init_distributed()
     try:
         outcome = analyze(
@@ -119,10 +110,10 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
             overwrite=args.overwrite,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        _fail(1, str(e))
+        fail(PROG, 1, str(e))
     except Exception as e:  # noqa: BLE001 - report, then leave with a failure code
         traceback.print_exc()
-        _fail(1, f"{type(e).__name__}: {e}")
+        fail(PROG, 1, f"{type(e).__name__}: {e}")
     result = outcome.importance
     print(
         f"[analyze] {result.rows} rows x {result.repeats} permutations per field -> {args.output}"

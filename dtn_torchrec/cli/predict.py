@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import traceback
 from typing import List, NoReturn, Optional
 
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.cli.common import add_overrides_argument, fail
 from dtn_torchrec.distributed.launch import DistributedContext, init_distributed, shutdown_and_exit
 from dtn_torchrec.serving.export import QUANTIZATIONS, export_model, report_path
 from dtn_torchrec.serving.loading import load_unsharded_model, model_schema, resolve_checkpoint
@@ -73,18 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="--export: embedding tables as fp32 (none) or int8 rows (default: none)",
     )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="dotted.key=value",
-        help="config overrides, the value read as YAML (e.g. data.eval_batch_size=4096)",
-    )
+    add_overrides_argument(parser, "data.eval_batch_size=4096")
     return parser
-
-
-def _fail(code: int, message: str) -> NoReturn:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    shutdown_and_exit(code)
 
 
 def _export(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -150,15 +140,15 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if (args.output is None) == (args.export is None):
-        _fail(2, "give exactly one of --output (score) and --export (export for serving)")
+        fail(PROG, 2, "give exactly one of --output (score) and --export (export for serving)")
     if args.batch_size is not None and args.batch_size < 1:
-        _fail(2, f"--batch-size must be >= 1, got {args.batch_size}")
+        fail(PROG, 2, f"--batch-size must be >= 1, got {args.batch_size}")
     if args.export is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _fail(2, "--export runs as one process, not under torchrun with several workers")
+        fail(PROG, 2, "--export runs as one process, not under torchrun with several workers")
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
-        _fail(2, str(e))
+        fail(PROG, 2, str(e))
     ctx = init_distributed()
     try:
         if args.export is not None:
@@ -166,10 +156,10 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
         else:
             _score(cfg, args, ctx)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        _fail(1, str(e))
+        fail(PROG, 1, str(e))
     except Exception as e:  # noqa: BLE001 - report, then leave the job with a failure code
         traceback.print_exc()
-        _fail(1, f"rank {ctx.rank}: {type(e).__name__}: {e}")
+        fail(PROG, 1, f"rank {ctx.rank}: {type(e).__name__}: {e}")
     shutdown_and_exit(0)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import traceback
 from typing import List, NoReturn, Optional
 
+from dtn_torchrec.cli.common import add_overrides_argument, fail
 from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
 from dtn_torchrec.train.config import ConfigError, load_run_config
 from dtn_torchrec.train.session import restarted_by_launcher, run_training
@@ -38,19 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint in <output.dir>/checkpoints (same as "
         "train.resume=true)",
     )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="dotted.key=value",
-        help="config overrides, the value read as YAML (e.g. train.max_steps=100 "
-        "model.tower.hidden_dims=[64,32])",
-    )
+    add_overrides_argument(parser, "train.max_steps=100 model.tower.hidden_dims=[64,32]")
     return parser
-
-
-def _fail(code: int, message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    shutdown_and_exit(code)
 
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
@@ -59,16 +48,16 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
-        _fail(2, str(e))
+        fail(PROG, 2, str(e))
     resume = args.resume or cfg.train.resume or restarted_by_launcher()
     ctx = init_distributed()
     try:
         run_training(cfg, ctx, resume=resume)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        _fail(1, f"rank {ctx.rank}: {e}")
+        fail(PROG, 1, f"rank {ctx.rank}: {e}")
     except Exception as e:  # noqa: BLE001 - report, then leave the job with a failure code
         traceback.print_exc()
-        _fail(1, f"rank {ctx.rank}: {type(e).__name__}: {e}")
+        fail(PROG, 1, f"rank {ctx.rank}: {type(e).__name__}: {e}")
     shutdown_and_exit(0)
 
 

@@ -1,0 +1,27 @@
+"""What the worker commands (``dtn-train``, ``dtn-predict``, ``dtn-analyze``) share: the trailing
+``dotted.key=value`` config overrides and the way they fail."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from dtn_torchrec.distributed.launch import shutdown_and_exit
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, example: str = "") -> None:
+    """Adds the positional ``dotted.key=value`` overrides of the run config (values read as YAML)."""
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="dotted.key=value",
+        help="config overrides, the value read as YAML" + (f" (e.g. {example})" if example else ""),
+    )
+
+
+def fail(prog: str, code: int, message: str) -> NoReturn:
+    """Prints ``<prog>: error: <message>`` as one line, the last on stderr, then leaves the process
+    group and exits with ``code`` (1 = run failed, 2 = bad command line or config)."""
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    shutdown_and_exit(code)
