@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from typing import Dict, List, Optional
 
 import pytest
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dist_utils import free_port
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec
 from dtn_torchrec.models.embedding import EmbeddingConfig, SparseArch
 from dtn_torchrec.models.experts import ExpertConfig, build_expert, memonet_pair_hash
@@ -341,12 +341,6 @@ class _Net(nn.Module):
         return torch.stack([e(inputs) for e in self.experts], dim=1).sum(-1)  # [B, num_experts]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _local(value: object) -> torch.Tensor:
     shards = getattr(value, "local_shards", None)
     if shards is None:
@@ -361,7 +355,7 @@ def test_dmp_one_rank_shards_tables_and_codebooks(monkeypatch: pytest.MonkeyPatc
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     cfgs = [
         ExpertConfig(kind="memonet", num_buckets=BUCKETS, output_dim=8),
         ExpertConfig(kind="memonet", num_buckets=BUCKETS, output_dim=8, shrink="gas", codeword_dim=4),

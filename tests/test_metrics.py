@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_utils import free_port
 from dtn_torchrec.train.metrics import (
     EvalAccumulator,
     all_gather_rows,
@@ -111,12 +111,6 @@ def test_accumulator_single_process_equals_direct() -> None:
     assert binary_logloss(logits[:, 0], labels[:, 0]) == acc.compute()["a"]["logloss"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
@@ -135,7 +129,7 @@ def test_all_gather_rows_uneven_and_empty_shards() -> None:
     world_size = 3
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(
-            _gather_worker, args=(world_size, _free_port(), d), nprocs=world_size,
+            _gather_worker, args=(world_size, free_port(), d), nprocs=world_size,
             start_method="forkserver",
         )
         expected = torch.cat(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from dist_utils import free_port
 from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.data.synth import SynthConfig, generate
@@ -87,12 +87,6 @@ def _torchrun(nproc: int, args: List[str], env: Optional[Dict[str, str]] = None)
          "--rdzv_endpoint", "localhost:0", "-m", "dtn_torchrec.cli.train", *args],
         env=env,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _summary(out: Path) -> dict:
@@ -251,7 +245,7 @@ def test_torchx_two_nodes_of_one_rank(tiny_config: Path, tmp_path: Path) -> None
     out = tmp_path / "2x1"
     _run(
         [str(VENV_BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
-         "launchers/components.py:train", "-j", "2x1", "--rdzv_port", str(_free_port()),
+         "launchers/components.py:train", "-j", "2x1", "--rdzv_port", str(free_port()),
          "--", "--config", str(tiny_config), f"output.dir={out}", "train.max_steps=3"],
         cwd=REPO,
     )
