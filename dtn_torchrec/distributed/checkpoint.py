@@ -40,7 +40,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -188,6 +188,7 @@ class CheckpointManager:
         optimizer: KeyedOptimizer,
         extra: Optional[Mapping[str, Any]] = None,
         scheduler: Optional[LRScheduler] = None,
+        protected_steps: Collection[int] = (),
     ) -> Path:
         """Writes checkpoint ``step`` atomically (collective).
 
@@ -198,6 +199,8 @@ class CheckpointManager:
             extra: this rank's picklable non-tensor state (reader position, RNG states, epoch,
                 metrics so far).
             scheduler: the dense LR scheduler.
+            protected_steps: checkpoints that pruning keeps beyond ``keep_last`` (the run's
+                best so far).
 
         Returns:
             The path of the complete checkpoint.
@@ -244,7 +247,7 @@ class CheckpointManager:
             ) from error
         if rank == 0:
             try:
-                self._commit(step, world_size, tmp, final)
+                self._commit(step, world_size, tmp, final, protected_steps)
             except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
                 error = exc
         if not self._all_ok(error is None):
@@ -253,7 +256,9 @@ class CheckpointManager:
             ) from error
         return final
 
-    def _commit(self, step: int, world_size: int, tmp: Path, final: Path) -> None:
+    def _commit(
+        self, step: int, world_size: int, tmp: Path, final: Path, protected: Collection[int]
+    ) -> None:
         meta = {"step": step, "world_size": world_size, "format": FORMAT_VERSION}
         _write_file_atomic(tmp / META_FILE, json.dumps(meta).encode())
         if final.exists():
@@ -263,7 +268,7 @@ class CheckpointManager:
         _fsync_dir(self.directory)
         _write_file_atomic(self.directory / LATEST_FILE, f"{step}\n".encode())
         for old in self.complete_steps()[: -self.keep_last]:
-            if old != step:
+            if old != step and old not in protected:
                 shutil.rmtree(self.step_path(old))
         logger.info("checkpoint step %d written to %s", step, final)
 
