@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dtn_torchrec.atomic_files import OUTPUT_MARKER
 from dtn_torchrec.analysis.analyze import analyze
 from dtn_torchrec.analysis.gates import gate_usage
 from dtn_torchrec.analysis.importance import ImportanceConfig, permutation_importance, permutation_seed
@@ -208,7 +209,7 @@ def test_analyze_writes_consistent_tables_and_plots(tmp_path: Path, one_rank) ->
     fields = ["121", "125", "206", "301"]
     outcome = analyze(load_run_config(config), tmp_path / "run", data, out, max_rows=150,
                       importance=ImportanceConfig(repeats=2, batch_size=64), fields=fields)
-    assert sorted(os.listdir(out)) == sorted(outcome.files)
+    assert sorted(os.listdir(out)) == sorted([OUTPUT_MARKER, *outcome.files])
     for png in ("importance_heatmap.png", "importance_divergence.png", "gate_usage.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / IMPORTANCE_CSV) as f:
@@ -228,8 +229,11 @@ def test_analyze_writes_consistent_tables_and_plots(tmp_path: Path, one_rank) ->
         for gate in ("own", "other_shared"):
             weights = [float(g["mean_weight"]) for g in gates if (g["task"], g["gate"]) == (task, gate)]
             assert sum(weights) == pytest.approx(1.0)
-    with pytest.raises(FileExistsError, match="exists and is not empty"):
+    with pytest.raises(FileExistsError, match="holds an earlier dtn-analyze output; pass --overwrite"):
         analyze(load_run_config(config), tmp_path / "run", data, out, max_rows=10)
+    for foreign in (tmp_path / "run", data, tmp_path):
+        with pytest.raises(FileExistsError, match="is or contains this command's input"):
+            analyze(load_run_config(config), tmp_path / "run", data, foreign, overwrite=True)
 
 
 @pytest.mark.slow
@@ -248,7 +252,7 @@ def test_cli_prints_rankings_and_fails_in_one_line(tmp_path: Path, one_rank) -> 
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1
     assert again.stderr.strip().splitlines()[-1] == (
-        f"dtn-analyze: error: --output {tmp_path / 'a'} exists and is not empty; "
+        f"dtn-analyze: error: --output {tmp_path / 'a'} holds an earlier dtn-analyze output; "
         "pass --overwrite to replace it")
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dist_utils import run_on_ranks
+from dtn_torchrec.atomic_files import OUTPUT_MARKER
 from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
@@ -195,17 +196,41 @@ def test_corrupt_inputs_fail_clearly_and_write_nothing(setup, one_rank, tmp_path
     _no_output(out)
 
 
-def test_existing_output_needs_overwrite(setup, one_rank, tmp_path: Path) -> None:
+def test_overwrite_replaces_only_own_output(setup, one_rank, tmp_path: Path) -> None:
     cfg = load_run_config(setup["config"])
     out = tmp_path / "pred"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=f"--output {out} exists and is not empty; pass --overwrite"):
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=f"--output {out} is not empty and has no "):
+            predict(cfg, setup["run"], setup["data"], out, one_rank, overwrite=overwrite)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    predict(cfg, setup["run"], setup["data"], out, one_rank)
+    with pytest.raises(FileExistsError, match=f"--output {out} holds an earlier dtn-predict"):
         predict(cfg, setup["run"], setup["data"], out, one_rank)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     predict(cfg, setup["run"], setup["data"], out, one_rank, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [METRICS_FILE, PREDICT_SUMMARY_FILE, PREDICTIONS_DIR]
+    assert sorted(p.name for p in out.iterdir()) == [
+        OUTPUT_MARKER, METRICS_FILE, PREDICT_SUMMARY_FILE, PREDICTIONS_DIR
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["pred"]
+
+
+@pytest.mark.parametrize("target", ["run", "checkpoints", "data", "root"])
+def test_overwrite_never_replaces_run_input_or_their_parents(
+    setup, one_rank, target: str
+) -> None:
+    cfg = load_run_config(setup["config"])
+    out = {
+        "run": setup["run"],
+        "checkpoints": setup["run"] / "checkpoints",
+        "data": setup["data"],
+        "root": setup["root"],
+    }[target]
+    before = sorted(p.relative_to(setup["root"]) for p in setup["root"].rglob("*"))
+    with pytest.raises(FileExistsError, match=f"--output {out} is or contains this command's input"):
+        predict(cfg, setup["run"], setup["data"], out, one_rank, overwrite=True)
+    assert sorted(p.relative_to(setup["root"]) for p in setup["root"].rglob("*")) == before
 
 
 # ------------------------------------------------------------------ several ranks

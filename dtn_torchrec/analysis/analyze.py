@@ -17,8 +17,11 @@ from dtn_torchrec.analysis.rows import EvalRows
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.serving.loading import load_unsharded_model, model_schema, resolve_checkpoint
-from dtn_torchrec.serving.output import check_output_dir, staged_directory
+from dtn_torchrec.atomic_files import claim_output_dir
+from dtn_torchrec.serving.output import staged_directory
 from dtn_torchrec.train.config import RunConfig
+
+TOOL = "dtn-analyze"
 
 
 @dataclass
@@ -57,12 +60,15 @@ def analyze(
         importance: repeats, seed, batch size (default: ``ImportanceConfig()`` with the config's
             evaluation batch size).
         fields: fields to permute (default: every field).
-        overwrite: replace a non-empty ``output``.
+        overwrite: replace an earlier ``dtn-analyze`` output at ``output`` (nothing else; the
+            input, the checkpoint and the training data are always refused).
 
     Raises:
         FileNotFoundError, FileExistsError, ValueError: before anything is written.
     """
-    check_output_dir(output, overwrite)
+    ref = resolve_checkpoint(checkpoint)
+    protected = [input_dir, cfg.data.path, ref.path]
+    claim_output_dir(output, tool=TOOL, overwrite=overwrite, protected=protected)
     data = SchemaSpec.load(input_dir)
     tasks = list(cfg.model.tasks)
     unlabelled = [t for t in tasks if t not in data.labels]
@@ -70,7 +76,6 @@ def analyze(
         raise ValueError(
             f"{input_dir}: no label column for task(s) {unlabelled}; the analysis needs labels"
         )
-    ref = resolve_checkpoint(checkpoint)
     schema = model_schema(cfg, data, input_dir)
     unknown = [f for f in fields or [] if f not in schema.field_names]
     if unknown:
@@ -97,6 +102,6 @@ def analyze(
         "split": split,
         "model": cfg.model.name,
     }
-    with staged_directory(output, overwrite) as staged:
+    with staged_directory(output, tool=TOOL, overwrite=overwrite, protected=protected) as staged:
         files = write_report(staged, result, gates, settings)
     return AnalysisOutcome(importance=result, gates=gates, files=files)

@@ -1,4 +1,8 @@
-"""Output directories that appear complete or not at all: stage in a sibling temp dir, rename."""
+"""Output directories that appear complete or not at all: stage in a sibling temp dir, rename.
+
+Which directories may be written or replaced is decided by ``atomic_files.claim_output_dir``
+(only a tool's own earlier output, never an input or a checkpoint).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,9 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuses an ``--output`` that is a file, or a non-empty directory without ``overwrite``.
-
-    Raises:
-        FileExistsError: naming the path.
-    """
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise FileExistsError(f"--output {p} is a file, not a directory")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"--output {p} exists and is not empty; pass --overwrite to replace it"
-        )
+from dtn_torchrec.atomic_files import claim_output_dir, publish_output_dir
 
 
 def make_staging_dir(final: str | os.PathLike) -> Path:
@@ -34,36 +25,31 @@ def make_staging_dir(final: str | os.PathLike) -> Path:
     return staged
 
 
-def replace_directory(staged: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Renames ``staged`` to ``final``; an existing ``final`` is moved aside first, then deleted."""
-    staged, final = Path(staged), Path(final)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(staged, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 @contextmanager
-def staged_directory(final: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """One process writes a directory atomically.
+def staged_directory(
+    final: str | os.PathLike,
+    *,
+    tool: str,
+    overwrite: bool,
+    protected: Sequence[str | os.PathLike] = (),
+) -> Iterator[Path]:
+    """One process writes ``tool``'s output directory atomically.
 
     Example::
 
-        with staged_directory(out, overwrite=False) as tmp:
+        with staged_directory(out, tool="dtn-analyze", overwrite=False) as tmp:
             (tmp / "table.csv").write_text(...)
-        # out/ now holds table.csv; had the block raised, out/ would be untouched
+        # out/ now holds table.csv and the tool's marker; had the block raised, out/ is untouched
 
     Raises:
-        FileExistsError: see :func:`check_output_dir` (checked before anything is written).
+        OutputDirError: see :func:`atomic_files.claim_output_dir` (checked before anything is
+            written).
     """
-    check_output_dir(final, overwrite)
+    claim_output_dir(final, tool=tool, overwrite=overwrite, protected=protected)
     staged = make_staging_dir(final)
     try:
         yield staged
+        publish_output_dir(staged, final, tool=tool, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    replace_directory(staged, final)

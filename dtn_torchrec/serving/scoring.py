@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from dtn_torchrec.atomic_files import write_json_atomic
+from dtn_torchrec.atomic_files import claim_output_dir, publish_output_dir, write_json_atomic
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SAMPLE_ID_COLUMN, SchemaSpec
@@ -38,10 +38,11 @@ from dtn_torchrec.serving.loading import (
     model_schema,
     resolve_checkpoint,
 )
-from dtn_torchrec.serving.output import check_output_dir, make_staging_dir, replace_directory
+from dtn_torchrec.serving.output import make_staging_dir
 from dtn_torchrec.train.config import RunConfig
 from dtn_torchrec.train.metrics import EvalAccumulator
 
+TOOL = "dtn-predict"
 PREDICTIONS_DIR = "predictions"
 METRICS_FILE = "metrics.json"
 PREDICT_SUMMARY_FILE = "predict.json"
@@ -185,14 +186,18 @@ def _agreed_batches(batches: Iterator[Batch], agreement: _RankAgreement) -> Iter
 
 
 def _stage_output(
-    output: Path, overwrite: bool, ctx: DistributedContext, agreement: _RankAgreement
+    output: Path,
+    overwrite: bool,
+    protected: List[str | os.PathLike],
+    ctx: DistributedContext,
+    agreement: _RankAgreement,
 ) -> Path:
     """Rank 0 checks ``output`` and creates the staging directory; every rank gets its path."""
     staged: List[Optional[str]] = [None]
     error: Optional[BaseException] = None
     if ctx.rank == 0:
         try:
-            check_output_dir(output, overwrite)
+            claim_output_dir(output, tool=TOOL, overwrite=overwrite, protected=protected)
             staged[0] = os.fspath(make_staging_dir(output))
             (Path(staged[0]) / PREDICTIONS_DIR).mkdir()
         except OSError as e:
@@ -223,10 +228,12 @@ def predict(
         ctx: this process's place in the job (``init_distributed``).
         split: the split to score.
         batch_size: rows per batch and rank; None = ``data.eval_batch_size`` (or ``batch_size``).
-        overwrite: replace a non-empty ``output``.
+        overwrite: replace an earlier ``dtn-predict`` output at ``output`` (nothing else: see
+            ``atomic_files.claim_output_dir``; the input, the checkpoint and the training data
+            are always refused).
 
     Raises:
-        FileNotFoundError, FileExistsError, ValueError (``SchemaMismatchError``,
+        FileNotFoundError, FileExistsError (``OutputDirError``), ValueError (``SchemaMismatchError``,
         ``CheckpointMismatchError``), RuntimeError: with nothing written.
     """
     output = Path(output)
@@ -241,7 +248,8 @@ def predict(
     labelled = [t for t in tasks if t in data.labels]
     batch_size = batch_size or cfg.eval_batch_size
     agreement = _RankAgreement(ctx.device)
-    staged = _stage_output(output, overwrite, ctx, agreement)
+    protected = [input_dir, cfg.data.path, ref.path]
+    staged = _stage_output(output, overwrite, protected, ctx, agreement)
     try:
         model = load_sharded_model(cfg, schema, ref, ctx.device, batch_size, input_dir)
         reader = ParquetBatchReader(
@@ -277,7 +285,7 @@ def predict(
                 if summary.metrics is not None:
                     write_json_atomic(staged / METRICS_FILE, {split: summary.metrics})
                 write_json_atomic(staged / PREDICT_SUMMARY_FILE, summary.to_json())
-                replace_directory(staged, output)
+                publish_output_dir(staged, output, tool=TOOL, overwrite=overwrite)
             except OSError as e:
                 error = e
         agreement.agree(_FAILED if error else _READY, error)
