@@ -5,7 +5,7 @@ its final test AUC per task next to the oracle AUC of the same rows.
     dtn-synth --output SYN --train-rows 1200000 --test-rows 50000 --seed 29 \
         --id-scale 0.002 --history-scale 0.1 --rows-per-user 10
     dtn-prepare --format aliccp-raw --input SYN --output DATA --valid-fraction 0.04 --quiet
-    python benchmarks/cli_quality.py --data DATA --truth SYN --runs RUNS --epochs 2 \
+    python -m benchmarks.cli_quality --data DATA --truth SYN --runs RUNS --epochs 2 \
         --configs configs/dtn_demo.yaml configs/mmoe_demo.yaml configs/ple_demo.yaml \
         --out benchmarks/results/cli_quality.json
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from common import format_table, machine_info
+from benchmarks.common import format_table, machine_info
 
 from dtn_torchrec.atomic_files import write_json_atomic
 

@@ -1,12 +1,15 @@
 """Shared benchmark helpers: timed windows, rank launching, roofline probes, JSON and tables.
 
 Measurement rules (README "Benchmarks: how we measure"): every number is the median of several
-timed windows after a warm-up, ratios come from one run on one machine, and each configuration
+seconds-long timed windows after a warm-up, reported with its min-max; the CPU other processes
+took during each window is recorded (``conditions.py``) and marks the run contended; ratios come
+from one run on one machine, next to the GEMM peak measured in the same run; each configuration
 runs in fresh processes so that its peak memory (``ru_maxrss``) is its own.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import multiprocessing
@@ -15,6 +18,7 @@ import resource
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -26,6 +30,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from benchmarks.conditions import (
+    CONTENDED_CORES,
+    ROOT_PID_ENV,
+    OtherCpuMonitor,
+    is_contended,
+    measure_gemm_peaks,
+    probe_idle,
+)
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.train.config import RunConfig, load_run_config
 
@@ -51,37 +63,57 @@ class WindowSpec:
 
     Args:
         warmup_steps: untimed steps first (allocations, pipeline fill, caches).
-        steps: steps per timed window.
-        windows: timed windows; the result is their median.
+        window_seconds: each timed window runs whole steps until this many seconds have passed.
+        windows: timed windows; the result is their median, the spread their min-max.
     """
 
     warmup_steps: int
-    steps: int
+    window_seconds: float
     windows: int
 
     def validate(self) -> None:
-        if self.warmup_steps < 0 or self.steps < 1 or self.windows < 1:
-            raise ValueError(f"need warmup >= 0, steps >= 1, windows >= 1; got {self}")
-
-    @property
-    def total_steps(self) -> int:
-        return self.warmup_steps + self.steps * self.windows
+        if self.warmup_steps < 0 or self.window_seconds <= 0 or self.windows < 1:
+            raise ValueError(f"need warmup >= 0, window_seconds > 0, windows >= 1; got {self}")
 
 
-def timed_windows(step: Callable[[], int], spec: WindowSpec) -> List[float]:
+@dataclass(frozen=True)
+class WindowTimes:
+    """What the timed windows measured.
+
+    Args:
+        rates: samples/s of each window.
+        steps: steps in each window.
+        other_cpu_cores: CPU other processes used during each window, in cores.
+    """
+
+    rates: List[float]
+    steps: List[int]
+    other_cpu_cores: List[float]
+
+
+def timed_windows(step: Callable[[], int], spec: WindowSpec) -> WindowTimes:
     """Runs ``step`` (one training step, returns the samples it trained) for the warm-up, then
-    for ``spec.windows`` windows of ``spec.steps`` steps; returns samples/s of each window."""
+    ``spec.windows`` windows of at least ``spec.window_seconds`` each, watching the CPU other
+    processes take meanwhile."""
     spec.validate()
     for _ in range(spec.warmup_steps):
         step()
-    rates = []
+    monitor = OtherCpuMonitor()
+    rates, steps, others = [], [], []
     for _ in range(spec.windows):
-        samples = 0
+        samples, count = 0, 0
+        monitor.start()
         start = time.perf_counter()
-        for _ in range(spec.steps):
+        while True:
             samples += step()
-        rates.append(samples / (time.perf_counter() - start))
-    return rates
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= spec.window_seconds:
+                break
+        others.append(monitor.stop())
+        rates.append(samples / elapsed)
+        steps.append(count)
+    return WindowTimes(rates, steps, others)
 
 
 def peak_rss_bytes() -> int:
@@ -124,11 +156,15 @@ class TrainRun:
         return cfg, SchemaSpec.load(self.data)
 
 
-def rank_record(rates: List[float], setup_s: float, **extra: Any) -> Dict[str, Any]:
-    """What a rank reports: its median samples/s, every window, setup time and peak memory."""
+def rank_record(times: WindowTimes, setup_s: float, **extra: Any) -> Dict[str, Any]:
+    """What a rank reports: its median samples/s, every window (rate, steps, other processes'
+    CPU), whether any window was contended, setup time and peak memory."""
     return {
-        "samples_per_s": statistics.median(rates),
-        "windows": rates,
+        "samples_per_s": statistics.median(times.rates),
+        "windows": times.rates,
+        "window_steps": times.steps,
+        "other_cpu_cores": times.other_cpu_cores,
+        "contended": is_contended(times.other_cpu_cores),
         "setup_s": setup_s,
         "peak_rss_bytes": peak_rss_bytes(),
         **extra,
@@ -148,7 +184,7 @@ def _free_port() -> int:
 
 def _rank_main(
     fn: Callable[..., Any], rank: int, world_size: int, port: int, threads: int, quiet: bool, out_dir: str,
-    kwargs: Dict[str, Any],
+    root_pid: int, kwargs: Dict[str, Any],
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -157,6 +193,7 @@ def _rank_main(
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        **{ROOT_PID_ENV: str(root_pid)},
     )
     torch.set_num_threads(threads)
     if quiet:
@@ -200,7 +237,8 @@ def run_ranks(
     out_dir = tempfile.mkdtemp(prefix="dtn_bench_")
     port = _free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, threads, quiet, out_dir, kwargs))
+        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, threads, quiet, out_dir, os.getpid(),
+                                                kwargs))
         for rank in range(world_size)
     ]
     try:
@@ -228,9 +266,15 @@ def run_ranks(
 
 def combine_ranks(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     """One record for a multi-rank measurement: samples/s summed over ranks (each rank's median),
-    peak memory per rank, and each rank's own record."""
+    its min-max (summed per window), whether any window was contended, peak memory per rank, and
+    each rank's own record."""
+    per_window = [sum(w) for w in zip(*(r["windows"] for r in results))]
     return {
         "samples_per_s": sum(r["samples_per_s"] for r in results),
+        "min_samples_per_s": min(per_window),
+        "max_samples_per_s": max(per_window),
+        "max_other_cpu_cores": max(c for r in results for c in r["other_cpu_cores"]),
+        "contended": any(r["contended"] for r in results),
         "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in results],
         "ranks": results,
     }
@@ -288,22 +332,36 @@ class Roofline:
     """The machine's measured ceilings (this process, all its torch threads).
 
     Args:
-        gemm_peak_flops: FLOP/s of a large square ``torch.mm``.
+        gemm_peak_flops: FLOP/s of a large square fp32 ``torch.mm`` (best seconds-long window).
+        gemm_peak_bf16_flops: the same in bf16.
         copy_bandwidth: bytes/s of a large tensor copy.
         threads: torch threads used.
+        gemm_windows: each dtype's full record (every window and its other-process CPU).
     """
 
     gemm_peak_flops: float
+    gemm_peak_bf16_flops: float
     copy_bandwidth: float
     threads: int
+    gemm_windows: Dict[str, Dict[str, Any]]
+
+    @property
+    def contended(self) -> bool:
+        return any(bool(r["contended"]) for r in self.gemm_windows.values())
 
 
-def measure_roofline(square: int = 2048, copy_bytes: int = 256 * 2**20) -> Roofline:
-    """Measures the ceilings: a ``square``^3 GEMM and a ``copy_bytes`` tensor copy."""
+def measure_roofline(
+    square: int = 2048, copy_bytes: int = 256 * 2**20, window_seconds: float = 2.0
+) -> Roofline:
+    """Measures the ceilings: ``square``^3 GEMMs in fp32 and bf16 (windows of
+    ``window_seconds``) and a ``copy_bytes`` tensor copy."""
+    peaks = measure_gemm_peaks(square, window_seconds)
     return Roofline(
-        gemm_peak_flops=gemm_flops_per_s([(square, square, square)]),
+        gemm_peak_flops=peaks["fp32"].flops,
+        gemm_peak_bf16_flops=peaks["bf16"].flops,
         copy_bandwidth=copy_bandwidth_bytes_per_s(copy_bytes),
         threads=torch.get_num_threads(),
+        gemm_windows={d: p.record() for d, p in peaks.items()},
     )
 
 
@@ -344,5 +402,58 @@ def machine_info() -> Dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "platform": os.uname().machine,
-        "note": "shared machine; other jobs may have run at the same time",
+        "load_average": list(os.getloadavg()),
     }
+
+
+def rate_spread(record: Dict[str, Any]) -> str:
+    """``min-max`` samples/s over a measurement's windows (summed over ranks)."""
+    if record.get("samples_per_s") is None:
+        return "-"
+    return f"{record['min_samples_per_s']:,.0f}-{record['max_samples_per_s']:,.0f}"
+
+
+def contention_mark(contended: bool) -> str:
+    """The table cell of a measurement's contention flag."""
+    return "CONTENDED" if contended else "idle"
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: timing and contention
+# ---------------------------------------------------------------------------------------------
+
+
+def add_timing_arguments(
+    parser: argparse.ArgumentParser, warmup: int, window_seconds: float, windows: int
+) -> None:
+    """``--warmup``, ``--window-seconds``, ``--windows`` and ``--strict``."""
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps before the windows")
+    parser.add_argument("--window-seconds", type=float, default=window_seconds,
+                        help="length of each timed window in seconds (whole steps)")
+    parser.add_argument("--windows", type=int, default=windows,
+                        help="timed windows (median reported, min-max shown)")
+    parser.add_argument(
+        "--strict", action="store_true",
+        help=f"refuse to start when other processes use more than {CONTENDED_CORES:g} of a core, "
+             "and exit with status 3 when any timed window was contended",
+    )
+
+
+def refuse_if_busy(strict: bool) -> float:
+    """Other processes' CPU (cores) over one idle second; with ``strict``, exits (status 3)
+    when it is above the contention threshold."""
+    others = probe_idle(1.0)
+    if strict and others > CONTENDED_CORES:
+        raise SystemExit(
+            f"--strict: other processes use {others:.2f} cores (> {CONTENDED_CORES:g}); "
+            "run on an idle machine"
+        )
+    return others
+
+
+def strict_status(contended: bool, strict: bool) -> int:
+    """The exit status of a finished run: 3 when ``strict`` and any window was contended."""
+    if contended:
+        print(f"[bench] CONTENDED: other processes used more than {CONTENDED_CORES:g} of a core "
+              "during a timed window; these figures are not publishable", file=sys.stderr)
+    return 3 if contended and strict else 0

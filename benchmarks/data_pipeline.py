@@ -3,7 +3,7 @@ reference parser (the way the original FDN/DTN reader works), Parquet -> KJT bat
 against the samples/s that training consumes, and the conversion's peak memory at two skeleton
 sizes over the same common-features file (it must not grow with the skeleton rows).
 
-    python benchmarks/data_pipeline.py --workdir /tmp/dtn_bench --rows 1000000 --out data_pipeline.json
+    python -m benchmarks.data_pipeline --workdir /tmp/dtn_bench --rows 1000000 --out data_pipeline.json
 
 Everything is measured in this one run, side by side; the ratios are what to read.
 """

@@ -5,7 +5,7 @@ logistic-regression-on-embeddings baseline, over seeds.
     dtn-synth --output SYN --train-rows 200000 --test-rows 50000 --seed 3 \
         --id-scale 0.002 --history-scale 0.1 --rows-per-user 10
     dtn-prepare --format aliccp-raw --input SYN --output DATA --valid-fraction 0.1 --quiet
-    python benchmarks/model_quality.py --data DATA --truth SYN \
+    python -m benchmarks.model_quality --data DATA --truth SYN \
         --configs configs/dtn_demo.yaml configs/mmoe_demo.yaml configs/ple_demo.yaml \
         --seeds 0 1 2 --epochs 4 --out quality.json
 

@@ -19,7 +19,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from common import TrainRun, rank_record, timed_windows
+from benchmarks.common import TrainRun, rank_record, timed_windows
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.distributed.config import ShardingConfig

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from common import TrainRun, rank_record, timed_windows
+from benchmarks.common import TrainRun, rank_record, timed_windows
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.models.builder import build_train_model

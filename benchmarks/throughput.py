@@ -1,21 +1,24 @@
 """Training throughput of ours against a plain-PyTorch reference, per model and rank count,
 with the machine's roofline measured in the same run.
 
-    .venv/bin/python benchmarks/throughput.py --out runs/bench/throughput.json
-    .venv/bin/python benchmarks/throughput.py --models mmoe,dtn --ranks 1,2 --steps 20 --size demo
+    .venv/bin/python -m benchmarks.throughput --out runs/bench/throughput.json
+    .venv/bin/python -m benchmarks.throughput --models mmoe,dtn --ranks 1,2 --window-seconds 5 --size demo
 
 For every model (shared-bottom, MMoE, PLE, DTN; ``configs/<model>_demo.yaml`` or
 ``_aliccp.yaml``) and rank count, ours (``benchmarks/ours.py``: Parquet reader -> pipeline ->
 DMP with fused sparse optimiser) and the reference (``benchmarks/reference.py``: nn.EmbeddingBag
 + dense Adam + DataLoader) train the same model on the same Parquet data with the same per-rank
 batch and threads. Each is timed in fresh processes: warm-up, then ``--windows`` windows of
-``--steps`` steps; a rank's rate is its median window, a run's rate the sum over its ranks.
+``--window-seconds`` each; a rank's rate is its median window, a run's rate the sum over its
+ranks, shown with its min-max. The CPU other processes took during every window is recorded; a
+run where it exceeded 0.1 core is marked CONTENDED (``--strict``: refused, exit status 3).
 
-Roofline, measured in this process with one rank's threads: GEMM FLOP/s of a large square
-``torch.mm`` and of each model's own dense layers at its batch size, and copy bandwidth. Each
+Roofline, measured in this process with one rank's threads: fp32 and bf16 GEMM FLOP/s of a
+large square ``torch.mm`` (seconds-long windows), the fp32 GEMM FLOP/s of each model's own dense
+layers at its batch size, and copy bandwidth. Each
 model's dense training FLOPs per sample (3x the forward, counted by ``FlopCounterMode`` in
 ``dtn_torchrec.models.stats``) times one rank's samples/s is the achieved dense FLOP/s per rank,
-reported as a fraction of both GEMM ceilings. The embedding bytes per sample (lookup + fused
+reported as a multiple of the GEMM ceilings. The embedding bytes per sample (lookup + fused
 update, ``common.update_bytes_per_id``) times samples/s is compared with the copy bandwidth.
 
 On a shared or busy machine pass ``--threads 1``: OpenMP threads on oversubscribed cores make
@@ -33,19 +36,27 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from common import (
+from benchmarks.common import (
     Roofline,
     TrainRun,
     WindowSpec,
+    add_timing_arguments,
     combine_ranks,
+    contention_mark,
     format_table,
     linear_shapes,
     machine_info,
     measure_roofline,
     model_gemm_flops_per_s,
+    rate_spread,
+    refuse_if_busy,
     run_ranks,
+    strict_status,
     update_bytes_per_id,
 )
+from benchmarks.ours import ours_rank
+from benchmarks.reference import reference_rank
+from benchmarks.synthetic import aliccp_like_fields, cached_dataset
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.plan_report import embedding_table_configs, feature_ids_per_row
@@ -53,17 +64,14 @@ from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.config import ModelConfig
 from dtn_torchrec.models.stats import model_stats
 from dtn_torchrec.train.config import load_run_config
-from ours import ours_rank
-from reference import reference_rank
-from synthetic import aliccp_like_fields, cached_dataset
 
 MODELS = ("shared_bottom", "mmoe", "ple", "dtn")
 CONFIG_SUFFIX = {"demo": "demo", "reference": "aliccp"}
 # Ali-CCP vocabularies and list lengths x these factors, per --size (overridable by flags).
 DATA_SCALES = {"demo": (0.01, 0.1), "reference": (1.0, 1.0)}
 REPO = Path(__file__).resolve().parent.parent
-# (square GEMM size, copy bytes) of the roofline probes.
-ROOFLINE_PROBES = {"full": (2048, 256 * 2**20), "smoke": (256, 16 * 2**20)}
+# (square GEMM size, copy bytes, GEMM window seconds) of the roofline probes.
+ROOFLINE_PROBES = {"full": (2048, 256 * 2**20, 2.0), "smoke": (256, 16 * 2**20, 0.1)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,9 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--size", choices=sorted(CONFIG_SUFFIX), default="demo", help="configs/<model>_demo.yaml or _aliccp.yaml"
     )
     p.add_argument("--batch-size", type=int, help="per-rank batch size (default: the config's data.batch_size)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the windows")
-    p.add_argument("--steps", type=int, default=20, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=3, help="timed windows (median reported)")
+    add_timing_arguments(p, warmup=5, window_seconds=5.0, windows=3)
     p.add_argument("--rows", type=int, default=50_000, help="rows of the synthetic training split")
     p.add_argument("--id-scale", type=float, help="Ali-CCP vocabularies x this (default: demo 0.01, reference 1)")
     p.add_argument(
@@ -136,6 +142,7 @@ def roofline_row(result: Dict[str, Any], roofline: Roofline) -> Dict[str, Any]:
     return {
         "achieved_dense_flops_per_rank": flops,
         "fraction_of_gemm_peak": flops / roofline.gemm_peak_flops,
+        "fraction_of_bf16_gemm_peak": flops / roofline.gemm_peak_bf16_flops,
         "fraction_of_model_shape_gemm": flops / result["model_shape_gemm_flops"],
         "embedding_bytes_per_s_per_rank": bandwidth,
         "fraction_of_copy_bandwidth": bandwidth / roofline.copy_bandwidth,
@@ -147,14 +154,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models = _names(args.models, MODELS, "--models")
     ranks = [int(r) for r in _names(args.ranks, ("1", "2", "4", "8"), "--ranks")]
     id_scale, history_scale = DATA_SCALES[args.size]
-    timing = WindowSpec(args.warmup, args.steps, args.windows)
+    timing = WindowSpec(args.warmup, args.window_seconds, args.windows)
     rows = args.rows
     if args.smoke:
         id_scale, history_scale, rows = 0.001, 0.02, 2048
-        timing = WindowSpec(1, 2, 3)
+        timing = WindowSpec(1, 0.05, 3)
     id_scale = args.id_scale if args.id_scale is not None else id_scale
     history_scale = args.history_scale if args.history_scale is not None else history_scale
     timing.validate()
+    idle_probe = refuse_if_busy(args.strict)
 
     if args.dataset:
         data = Path(args.dataset)
@@ -197,6 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "ours": ours,
                 "reference": reference,
                 "ratio": ours["samples_per_s"] / reference["samples_per_s"],
+                "contended": ours["contended"] or reference["contended"],
                 "train_flops_per_sample": stats.train_flops_per_sample,
                 "embedding_bytes_per_sample": emb_bytes,
                 "model_shape_gemm_flops": gemm_ceiling,
@@ -208,23 +217,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{reference['samples_per_s']:,.0f}/s, ratio {result['ratio']:.2f}", file=sys.stderr, flush=True)
 
     print(format_table(
-        ("model", "ranks", "ours samples/s", "reference samples/s", "ours/ref"),
-        [(r["model"], r["ranks"], f"{r['ours']['samples_per_s']:,.0f}", f"{r['reference']['samples_per_s']:,.0f}",
-          f"{r['ratio']:.2f}") for r in results],
+        ("model", "ranks", "ours samples/s", "(min-max)", "reference samples/s", "(min-max)", "ours/ref",
+         "other CPU (cores, max)", "conditions"),
+        [(r["model"], r["ranks"], f"{r['ours']['samples_per_s']:,.0f}", rate_spread(r["ours"]),
+          f"{r['reference']['samples_per_s']:,.0f}", rate_spread(r["reference"]), f"{r['ratio']:.2f}",
+          f"{max(r['ours']['max_other_cpu_cores'], r['reference']['max_other_cpu_cores']):.2f}",
+          contention_mark(r["contended"])) for r in results],
     ))
     print()
     for threads, roofline in sorted(ceilings.items()):
-        print(f"roofline with {threads} thread(s): GEMM peak {roofline.gemm_peak_flops / 1e9:,.1f} GFLOP/s "
-              f"(square), copy bandwidth {roofline.copy_bandwidth / 1e9:,.1f} GB/s")
+        print(f"roofline with {threads} thread(s): GEMM peak fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, "
+              f"bf16 {roofline.gemm_peak_bf16_flops / 1e9:,.1f} GFLOP/s (square, best window; "
+              f"{contention_mark(roofline.contended)}), copy bandwidth {roofline.copy_bandwidth / 1e9:,.1f} GB/s")
     print(format_table(
-        ("model", "ranks", "train MFLOP/sample", "GFLOP/s per rank", "% GEMM peak", "model GEMM GFLOP/s",
+        ("model", "ranks", "train MFLOP/sample", "GFLOP/s per rank", "x fp32 peak", "x bf16 peak",
+         "model GEMM GFLOP/s",
          "% model GEMM", "emb KB/sample", "emb GB/s per rank", "% copy bw"),
         [(r["model"], r["ranks"], f"{r['train_flops_per_sample'] / 1e6:,.2f}",
-          f"{r['achieved_dense_flops_per_rank'] / 1e9:,.2f}", f"{100 * r['fraction_of_gemm_peak']:.1f}",
+          f"{r['achieved_dense_flops_per_rank'] / 1e9:,.2f}", f"{r['fraction_of_gemm_peak']:.2f}",
+          f"{r['fraction_of_bf16_gemm_peak']:.2f}",
           f"{r['model_shape_gemm_flops'] / 1e9:,.1f}", f"{100 * r['fraction_of_model_shape_gemm']:.1f}",
           f"{r['embedding_bytes_per_sample'] / 1e3:,.1f}", f"{r['embedding_bytes_per_s_per_rank'] / 1e9:,.2f}",
           f"{100 * r['fraction_of_copy_bandwidth']:.1f}") for r in results],
     ))
+    contended = any(r["contended"] for r in results) or any(c.contended for c in ceilings.values())
     if args.out:
         write_json_atomic(args.out, {
             "benchmark": "throughput",
@@ -236,9 +252,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "ids_per_row": sum(f.mean_length for f in schema.fields)},
             "timing": dataclasses.asdict(timing),
             "roofline": {str(t): dataclasses.asdict(r) for t, r in sorted(ceilings.items())},
+            "idle_probe_other_cpu_cores": idle_probe,
+            "contended": contended,
             "results": results,
         })
-    return 0
+    return strict_status(contended, args.strict)
 
 
 if __name__ == "__main__":

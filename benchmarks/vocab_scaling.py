@@ -1,6 +1,6 @@
 """Vocabulary scaling: training throughput and peak memory as every table grows x1 .. x1000.
 
-    .venv/bin/python benchmarks/vocab_scaling.py --out runs/bench/vocab_scaling.json
+    .venv/bin/python -m benchmarks.vocab_scaling --out runs/bench/vocab_scaling.json
 
 Schema: 20 single-valued fields, vocabularies log-spaced from 10 to 100,000 (260,298 rows), every
 table x1, x10, x100, x1000 (x1000: 260 M rows), embedding dim 16, ids Zipf (or uniform) over
@@ -30,16 +30,29 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from common import TrainRun, WindowSpec, combine_ranks, format_table, machine_info, run_ranks
+from benchmarks.common import (
+    TrainRun,
+    WindowSpec,
+    add_timing_arguments,
+    combine_ranks,
+    contention_mark,
+    format_table,
+    machine_info,
+    measure_roofline,
+    rate_spread,
+    refuse_if_busy,
+    run_ranks,
+    strict_status,
+)
+from benchmarks.ours import ours_rank
+from benchmarks.reference import reference_rank
+from benchmarks.synthetic import cached_dataset, log_spaced_fields
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.plan_report import GIB, optimizer_state_multiplier
 from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.stats import count_parameters
 from dtn_torchrec.train.config import RunConfig
-from ours import ours_rank
-from reference import reference_rank
-from synthetic import cached_dataset, log_spaced_fields
 
 MODELS = ("mmoe", "dtn")
 REPO = Path(__file__).resolve().parent.parent
@@ -57,9 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size")
     p.add_argument("--largest", type=int, default=LARGEST, help="largest x1 vocabulary (default 100,000)")
     p.add_argument("--embedding-dim", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=3)
+    add_timing_arguments(p, warmup=3, window_seconds=5.0, windows=3)
     p.add_argument("--rows", type=int, default=50_000, help="rows of each synthetic training split")
     p.add_argument("--ids", choices=("uniform", "zipf"), default="zipf")
     p.add_argument("--sharding", default="row_wise",
@@ -147,12 +158,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not models or any(m not in MODELS for m in models):
         raise SystemExit(f"--models: expected a subset of {list(MODELS)}, got {args.models!r}")
     scales = [int(s) for s in args.scales.split(",")]
-    timing = WindowSpec(args.warmup, args.steps, args.windows)
+    timing = WindowSpec(args.warmup, args.window_seconds, args.windows)
     rows, batch, largest = args.rows, args.batch_size, args.largest
     if args.smoke:
-        scales, rows, batch, largest, timing = [1, 10], 2048, 32, 1000, WindowSpec(1, 2, 3)
+        scales, rows, batch, largest, timing = [1, 10], 2048, 32, 1000, WindowSpec(1, 0.05, 3)
     timing.validate()
+    idle_probe = refuse_if_busy(args.strict)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
+    torch.set_num_threads(threads)
+    roofline = measure_roofline(*((256, 16 * 2**20, 0.1) if args.smoke else (2048, 256 * 2**20, 2.0)))
     sharding = None if args.sharding == "planner" else (args.sharding,)
     budget = args.memory_budget_gb * GIB
     overrides = (
@@ -184,16 +198,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     record[side] = combine_ranks(run_ranks(fn, args.ranks, threads, args.timeout, run=run))
             ours_rate, ref_rate = record["ours"]["samples_per_s"], record["reference"]["samples_per_s"]
             record["ratio"] = ours_rate / ref_rate if ours_rate and ref_rate else None
+            record["contended"] = any(record[side].get("contended", False) for side in ("ours", "reference"))
             results.append(record)
             print(f"[vocab] {name} x{scale}: ours {_rate(record['ours'])}/s, reference {_rate(record['reference'])}/s",
                   file=sys.stderr, flush=True)
 
     print(format_table(
-        ("model", "scale", "table rows", "ours samples/s", "ours peak GiB/rank", "reference samples/s",
-         "reference peak GiB/rank", "ours/ref"),
-        [(r["model"], f"x{r['scale']}", f"{r['table_rows']:,}", _rate(r["ours"]), _peak(r["ours"]),
+        ("model", "scale", "table rows", "ours samples/s", "(min-max)", "ours peak GiB/rank", "reference samples/s",
+         "(min-max)", "reference peak GiB/rank", "ours/ref", "conditions"),
+        [(r["model"], f"x{r['scale']}", f"{r['table_rows']:,}", _rate(r["ours"]), rate_spread(r["ours"]),
+          _peak(r["ours"]),
           _rate(r["reference"]) if "skipped" not in r["reference"] else "not run: " + r["reference"]["skipped"],
-          _peak(r["reference"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}") for r in results],
+          rate_spread(r["reference"]), _peak(r["reference"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}",
+          contention_mark(r["contended"])) for r in results],
         left=2,
     ))
     largest = {}
@@ -208,17 +225,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(("target", "value", "met"),
                        [(t["target"], "-" if t["value"] is None else f"{t['value']:,.2f}",
                          {True: "yes", False: "no", None: "not measured"}[t["met"]]) for t in found]))
+    print(f"GEMM peak with {threads} thread(s): fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, bf16 "
+          f"{roofline.gemm_peak_bf16_flops / 1e9:,.1f} GFLOP/s ({contention_mark(roofline.contended)})")
+    contended = roofline.contended or any(r["contended"] for r in results)
     if args.out:
         write_json_atomic(args.out, {
             "benchmark": "vocab_scaling",
             "machine": machine_info(),
             "args": vars(args),
             "timing": dataclasses.asdict(timing),
+            "roofline": dataclasses.asdict(roofline),
+            "idle_probe_other_cpu_cores": idle_probe,
+            "contended": contended,
             "results": results,
             "reference_largest_scale": largest,
             "targets": found,
         })
-    return 0
+    return strict_status(contended, args.strict)
 
 
 if __name__ == "__main__":

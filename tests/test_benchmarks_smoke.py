@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -18,23 +19,21 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from benchmarks.common import WindowSpec, combine_ranks, timed_windows, update_bytes_per_id
+from benchmarks.conditions import CONTENDED_CORES, OtherCpuMonitor, is_contended, measure_gemm_peak
+from benchmarks.reference import ParquetRows, PlainEmbeddingBags, collate_rows
+from benchmarks.synthetic import SyntheticField, log_spaced_fields, write_dataset
+from dtn_torchrec.data.reader import ParquetBatchReader
+
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = REPO / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-from common import WindowSpec, timed_windows, update_bytes_per_id  # noqa: E402
-from reference import PlainEmbeddingBags, collate_rows, ParquetRows  # noqa: E402
-from synthetic import SyntheticField, log_spaced_fields, write_dataset  # noqa: E402
-
-from dtn_torchrec.data.reader import ParquetBatchReader  # noqa: E402
 
 
-def _run(script: str, tmp_path: Path, *args: str) -> Dict[str, Any]:
+def _run(module: str, tmp_path: Path, *args: str) -> Dict[str, Any]:
     out = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--smoke", "--threads", "1", "--data", str(tmp_path / "data"),
-         "--out", str(out), *args],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--threads", "1", "--data",
+         str(tmp_path / "data"), "--out", str(out), *args],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -47,14 +46,27 @@ def _check_measurement(record: Dict[str, Any], ranks: int, windows: int) -> None
     for rank in record["ranks"]:
         assert len(rank["windows"]) == windows and all(w > 0 for w in rank["windows"])
         assert rank["samples_per_s"] == statistics.median(rank["windows"])
+        assert len(rank["other_cpu_cores"]) == windows and all(c >= 0 for c in rank["other_cpu_cores"])
+        assert rank["contended"] == is_contended(rank["other_cpu_cores"])
         assert rank["peak_rss_bytes"] > 0
     assert record["samples_per_s"] == pytest.approx(sum(r["samples_per_s"] for r in record["ranks"]))
+    assert record["min_samples_per_s"] <= record["max_samples_per_s"]
+    assert record["contended"] == any(r["contended"] for r in record["ranks"])
     assert record["peak_rss_bytes_per_rank"] == [r["peak_rss_bytes"] for r in record["ranks"]]
 
 
 def _check_throughput(result: Dict[str, Any], ranks: int, models: List[str]) -> None:
     assert result["benchmark"] == "throughput"
-    assert set(result["roofline"]["1"]) == {"gemm_peak_flops", "copy_bandwidth", "threads"}
+    assert set(result["roofline"]["1"]) == {
+        "gemm_peak_flops", "gemm_peak_bf16_flops", "copy_bandwidth", "threads", "gemm_windows"
+    }
+    for dtype in ("fp32", "bf16"):
+        peak = result["roofline"]["1"]["gemm_windows"][dtype]
+        assert peak["flops"] == max(peak["windows"]) and len(peak["other_cpu_cores"]) == 3
+    assert result["contended"] == (
+        any(r["contended"] for r in result["results"])
+        or any(p["contended"] for p in result["roofline"]["1"]["gemm_windows"].values())
+    )
     assert [r["model"] for r in result["results"]] == models
     for r in result["results"]:
         assert r["ranks"] == ranks
@@ -73,14 +85,15 @@ def _check_throughput(result: Dict[str, Any], ranks: int, models: List[str]) -> 
         )
 
 
+@pytest.mark.slow
 def test_throughput_smoke_one_rank(tmp_path: Path) -> None:
-    _check_throughput(_run("throughput.py", tmp_path, "--models", "mmoe", "--ranks", "1"), 1, ["mmoe"])
+    _check_throughput(_run("throughput", tmp_path, "--models", "mmoe", "--ranks", "1"), 1, ["mmoe"])
 
 
 @pytest.mark.slow
 def test_throughput_smoke_two_ranks(tmp_path: Path) -> None:
     models = ["shared_bottom", "ple", "dtn"]
-    _check_throughput(_run("throughput.py", tmp_path, "--models", ",".join(models), "--ranks", "2"), 2, models)
+    _check_throughput(_run("throughput", tmp_path, "--models", ",".join(models), "--ranks", "2"), 2, models)
 
 
 def _check_vocab(result: Dict[str, Any], ranks: int) -> None:
@@ -100,21 +113,23 @@ def _check_vocab(result: Dict[str, Any], ranks: int) -> None:
     assert found["mmoe ours x1000 trains"]["met"] is None  # no x1000 in a smoke run
 
 
+@pytest.mark.slow
 def test_vocab_scaling_smoke_one_rank(tmp_path: Path) -> None:
-    _check_vocab(_run("vocab_scaling.py", tmp_path, "--models", "mmoe", "--ranks", "1"), 1)
+    _check_vocab(_run("vocab_scaling", tmp_path, "--models", "mmoe", "--ranks", "1"), 1)
 
 
 @pytest.mark.slow
 def test_vocab_scaling_smoke_two_ranks_row_wise(tmp_path: Path) -> None:
-    result = _run("vocab_scaling.py", tmp_path, "--models", "mmoe", "--ranks", "2")
+    result = _run("vocab_scaling", tmp_path, "--models", "mmoe", "--ranks", "2")
     _check_vocab(result, 2)
     for rank in result["results"][0]["ours"]["ranks"]:
         assert set(rank["sharding"].values()) == {"row_wise"}
 
 
+@pytest.mark.slow
 def test_vocab_scaling_refuses_the_reference_over_budget(tmp_path: Path) -> None:
     # x1 of a 1000-row schema at dim 16: the reference needs ~4 x 74 KB x 4 bytes; 1 KB is too little.
-    result = _run("vocab_scaling.py", tmp_path, "--models", "mmoe", "--ranks", "1", "--memory-budget-gb", "1e-6")
+    result = _run("vocab_scaling", tmp_path, "--models", "mmoe", "--ranks", "1", "--memory-budget-gb", "1e-6")
     for r in result["results"]:
         assert r["ours"]["samples_per_s"] is None and r["reference"]["samples_per_s"] is None
         assert "budget" in r["reference"]["skipped"]
@@ -124,15 +139,60 @@ def test_vocab_scaling_refuses_the_reference_over_budget(tmp_path: Path) -> None
 # -- building blocks ---------------------------------------------------------------------------
 
 
-def test_timed_windows_runs_warmup_then_windows() -> None:
+def test_timed_windows_run_warmup_then_windows_of_at_least_the_given_seconds() -> None:
+    clock = [0.0]
     calls: List[int] = []
 
-    def step() -> int:
+    def step() -> int:  # one step = 0.3 s of a fake clock
         calls.append(1)
+        clock[0] += 0.3
         return 8
 
-    rates = timed_windows(step, WindowSpec(warmup_steps=2, steps=3, windows=4))
-    assert len(calls) == 2 + 3 * 4 and len(rates) == 4 and all(r > 0 for r in rates)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("benchmarks.common.time.perf_counter", lambda: clock[0])
+        times = timed_windows(step, WindowSpec(warmup_steps=2, window_seconds=1.0, windows=4))
+    # 1.0 s windows need 4 steps of 0.3 s (1.2 s): 8 samples x 4 / 1.2 s per window.
+    assert len(calls) == 2 + 4 * 4 and times.steps == [4] * 4
+    assert times.rates == pytest.approx([32 / 1.2] * 4)
+    assert len(times.other_cpu_cores) == 4
+
+
+def test_combine_ranks_sums_rates_and_flags_contention() -> None:
+    ranks = [
+        {"samples_per_s": 10.0, "windows": [9.0, 10.0, 12.0], "other_cpu_cores": [0.0, 0.0, 0.0],
+         "contended": False, "peak_rss_bytes": 1},
+        {"samples_per_s": 20.0, "windows": [20.0, 25.0, 19.0], "other_cpu_cores": [0.0, 0.5, 0.0],
+         "contended": True, "peak_rss_bytes": 2},
+    ]
+    combined = combine_ranks(ranks)
+    assert combined["samples_per_s"] == 30.0
+    assert (combined["min_samples_per_s"], combined["max_samples_per_s"]) == (29.0, 35.0)
+    assert combined["contended"] is True and combined["max_other_cpu_cores"] == 0.5
+
+
+def test_other_cpu_monitor_counts_cpu_outside_the_watched_tree() -> None:
+    # Watch a sleeping child's tree while this process spins: all of our CPU is "other".
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monitor = OtherCpuMonitor(root_pid=sleeper.pid)
+        monitor.start()
+        spin_cpu = time.process_time()
+        while time.process_time() - spin_cpu < 0.4:
+            pass
+        others = monitor.stop()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert others > CONTENDED_CORES
+    assert is_contended([0.0, others]) and not is_contended([0.0, CONTENDED_CORES])
+
+
+def test_gemm_peak_is_the_best_window_of_square_matmuls() -> None:
+    peak = measure_gemm_peak("bf16", size=64, window_seconds=0.05, windows=2)
+    record = peak.record()
+    assert peak.flops == max(peak.windows) > 0 and len(peak.windows) == 2
+    assert record["dtype"] == "bf16" and record["threads"] == torch.get_num_threads()
+    assert record["contended"] == is_contended(peak.other_cpu_cores)
 
 
 def test_update_bytes_per_id() -> None:
@@ -204,7 +264,7 @@ def test_cli_quality_smoke_reports_the_runs_summary_against_the_oracle(tmp_path:
              tmp_path / "raw")
     prepare_dataset("aliccp-raw", tmp_path / "raw", tmp_path / "data", PrepareOptions(progress=False))
     out = tmp_path / "cli_quality.json"
-    command = [sys.executable, str(BENCHMARKS / "cli_quality.py"), "--data", str(tmp_path / "data"),
+    command = [sys.executable, "-m", "benchmarks.cli_quality", "--data", str(tmp_path / "data"),
                "--truth", str(tmp_path / "raw"), "--runs", str(tmp_path / "runs"), "--epochs", "1",
                "--configs", str(REPO / "configs" / "mmoe_demo.yaml"), "--max-gap", "0.5", "--out", str(out)]
     for reuse in (False, True):

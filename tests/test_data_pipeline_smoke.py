@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_data_pipeline_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "data_pipeline.json"
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "data_pipeline.py"), "--workdir", str(tmp_path / "w"),
+        [sys.executable, "-m", "benchmarks.data_pipeline", "--workdir", str(tmp_path / "w"),
          "--rows", "3000", "--test-rows", "500", "--reference-rows", "500", "--batch-size", "256",
          "--train-steps", "2", "--out", str(out)],
         check=True, cwd=REPO, timeout=600,

@@ -1,0 +1,1 @@
+"""Benchmarks of dtn-torchrec; run each as ``python -m benchmarks.<name>`` from the repository root."""
