@@ -11,7 +11,7 @@ import pytest
 
 from dtn_torchrec.cli.prepare import main as prepare_main
 from dtn_torchrec.data import prepare as prepare_module
-from dtn_torchrec.data.prepare import PrepareOptions, format_summary, prepare_dataset
+from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
 from dtn_torchrec.data.prepare_lines import PrepareError
 
 
@@ -66,7 +66,7 @@ def test_raw_bad_line_names_file_line_field(case: str, tmp_path: Path, capsys: p
     src = write_raw(tmp_path / "raw", with_bad(line, at=3))
     out = tmp_path / "ds"
     with pytest.raises(PrepareError) as info:
-        prepare_dataset("aliccp-raw", src, out, PrepareOptions(id_mapping="hash"))
+        prepare_dataset("aliccp-raw", src, out, PrepareOptions(valid_fraction=0.0, id_mapping="hash"))
     error = info.value
     skeleton_path = str(src / "sample_skeleton_train.csv")
     assert (error.path, error.line, error.field) == (skeleton_path, 3, field)
@@ -75,7 +75,8 @@ def test_raw_bad_line_names_file_line_field(case: str, tmp_path: Path, capsys: p
     assert skeleton_path in message and "line 3" in message and repr(field) in message
     assert_nothing_written(tmp_path, out)
 
-    code = prepare_main(["--format", "aliccp-raw", "--input", str(src), "--output", str(out), "--quiet"])
+    code = prepare_main(["--valid-fraction", "0",
+                         "--format", "aliccp-raw", "--input", str(src), "--output", str(out), "--quiet"])
     stderr = capsys.readouterr().err
     assert code != 0
     assert stderr.count("\n") == 1 and stderr.startswith("dtn-prepare: error: ")
@@ -88,7 +89,7 @@ def test_line_number_in_a_later_block(tmp_path: Path) -> None:
     lines[136] = skeleton(137, 0, 0, "aaaa", [feat("205", "x")])
     src = write_raw(tmp_path / "raw", lines)
     with pytest.raises(PrepareError) as info:
-        prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(block_bytes=300))
+        prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(valid_fraction=0.0, block_bytes=300))
     assert (info.value.line, info.value.field, info.value.reason) == (137, "205", "bad_id")
 
 
@@ -102,7 +103,7 @@ def test_common_file_errors(tmp_path: Path) -> None:
         src = write_raw(tmp_path / name, GOOD, common_lines)
         common_path = str(src / "common_features_train.csv")
         with pytest.raises(PrepareError) as info:
-            prepare_dataset("aliccp-raw", src, tmp_path / f"{name}_ds")
+            prepare_dataset("aliccp-raw", src, tmp_path / f"{name}_ds", PrepareOptions(valid_fraction=0.0))
         line = 3 if name == "duplicate" else 2
         assert (info.value.path, info.value.line, info.value.field, info.value.reason) == (common_path, line, field,
                                                                                           reason)
@@ -116,7 +117,8 @@ def test_skip_bad_counts_per_reason(tmp_path: Path, capsys: pytest.CaptureFixtur
     # Line 2 of the common file is bad: key bbbb is lost and its 2 skeleton rows are dropped.
     src = write_raw(tmp_path / "raw", lines, [COMMON[0], "bbbb,1," + feat("101", "?")])
     out = tmp_path / "ds"
-    assert prepare_main(["--format", "aliccp-raw", "--input", str(src), "--output", str(out), "--skip-bad"]) == 0
+    assert prepare_main(["--valid-fraction", "0",
+                         "--format", "aliccp-raw", "--input", str(src), "--output", str(out), "--skip-bad"]) == 0
     saved = json.loads((out / "schema.json").read_text())["splits"]["train"]
     bbbb_rows = sum(1 for line in GOOD if ",bbbb," in line)
     assert bbbb_rows == 2
@@ -131,12 +133,11 @@ def test_skip_bad_counts_per_reason(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert any("line 3" in e for e in schema["summary"]["bad_line_examples"])
 
 
-def test_skip_bad_every_line_bad_gives_empty_split(tmp_path: Path) -> None:
+def test_skip_bad_every_line_bad_is_an_empty_split_error(tmp_path: Path) -> None:
     src = write_raw(tmp_path / "raw", [RAW_CASES["bad_label"][0]] * 3)
-    schema = prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(skip_bad=True))
-    assert schema.splits["train"].rows == 0 and schema.splits["train"].dropped == {"bad_label": 3}
-    assert len(schema.splits["train"].files) == 1 and (tmp_path / "ds" / schema.splits["train"].files[0]).is_file()
-    assert "bad_label=3" in format_summary(schema, tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"split 'train' has 0 rows after filtering \(3 read, dropped: bad_label=3\)"):
+        prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(valid_fraction=0.0, skip_bad=True))
+    assert_nothing_written(tmp_path, tmp_path / "ds")
 
 
 FDN_GOOD = "7,1,0," + ",".join(f"{f}:{i + 1}" for i, f in enumerate(
@@ -168,33 +169,35 @@ def test_other_formats_bad_line(fmt: str, line: str, field: str, reason: str, tm
     path = tmp_path / ("train.csv" if fmt == "csv" else "train.txt")
     path.write_text("\n".join(body) + "\n")
     with pytest.raises(PrepareError) as info:
-        prepare_dataset(fmt, tmp_path, tmp_path / "ds")
+        prepare_dataset(fmt, tmp_path, tmp_path / "ds", PrepareOptions(valid_fraction=0.0))
     bad_line = 4 if fmt == "csv" else 3
     assert (info.value.path, info.value.line, info.value.field, info.value.reason) == (str(path), bad_line, field,
                                                                                       reason)
     assert_nothing_written(tmp_path, tmp_path / "ds")
-    schema = prepare_dataset(fmt, tmp_path, tmp_path / "ds", PrepareOptions(skip_bad=True))
+    schema = prepare_dataset(fmt, tmp_path, tmp_path / "ds", PrepareOptions(valid_fraction=0.0, skip_bad=True))
     assert schema.splits["train"].dropped == {reason: 1} and schema.splits["train"].rows == 3
 
 
 def test_invalid_utf8(tmp_path: Path) -> None:
     (tmp_path / "train.txt").write_bytes(b"1,0,0,205:1\n2,0,0,205:\xff\xfe\n")
     with pytest.raises(PrepareError) as info:
-        prepare_dataset("paddlerec", tmp_path, tmp_path / "ds")
+        prepare_dataset("paddlerec", tmp_path, tmp_path / "ds", PrepareOptions(valid_fraction=0.0))
     assert (info.value.line, info.value.reason) == (2, "bad_encoding")
 
 
 def test_failed_overwrite_keeps_the_old_dataset(tmp_path: Path) -> None:
     good = write_raw(tmp_path / "good", GOOD)
     out = tmp_path / "ds"
-    prepare_dataset("aliccp-raw", good, out)
+    prepare_dataset("aliccp-raw", good, out, PrepareOptions(valid_fraction=0.0))
     before = (out / "schema.json").read_text()
     bad = write_raw(tmp_path / "bad", with_bad(RAW_CASES["bad_id"][0]))
-    assert prepare_main(["--format", "aliccp-raw", "--input", str(bad), "--output", str(out), "--overwrite",
+    assert prepare_main(["--valid-fraction", "0",
+                         "--format", "aliccp-raw", "--input", str(bad), "--output", str(out), "--overwrite",
                          "--quiet"]) == 1
     assert (out / "schema.json").read_text() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert prepare_main(["--format", "aliccp-raw", "--input", str(good), "--output", str(out), "--quiet"]) == 1
+    assert prepare_main(["--valid-fraction", "0",
+                         "--format", "aliccp-raw", "--input", str(good), "--output", str(out), "--quiet"]) == 1
 
 
 def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,7 +208,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(prepare_module._SplitWriter, "write", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        prepare_dataset("aliccp-raw", src, tmp_path / "ds")
+        prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(valid_fraction=0.0))
     assert_nothing_written(tmp_path, tmp_path / "ds")
 
 
@@ -213,7 +216,7 @@ def test_crlf_and_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
     lines = GOOD[:2] + ["", RAW_CASES["bad_value"][0]] + GOOD[2:]
     src = write_raw(tmp_path / "raw", [line + "\r" for line in lines])
     with pytest.raises(PrepareError) as info:
-        prepare_dataset("aliccp-raw", src, tmp_path / "ds")
+        prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(valid_fraction=0.0))
     assert (info.value.line, info.value.field, info.value.reason) == (4, "205", "bad_value")
-    schema = prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(skip_bad=True))
+    schema = prepare_dataset("aliccp-raw", src, tmp_path / "ds", PrepareOptions(valid_fraction=0.0, skip_bad=True))
     assert schema.splits["train"].rows == len(GOOD) and schema.splits["train"].rows_read == len(GOOD) + 1

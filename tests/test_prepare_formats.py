@@ -80,7 +80,7 @@ def read_split(out: Path, schema: SchemaSpec, split: str) -> List[dict]:
 
 def test_raw_rows_by_hand(raw_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    schema = prepare_dataset("aliccp-raw", raw_dir, out)
+    schema = prepare_dataset("aliccp-raw", raw_dir, out, PrepareOptions(valid_fraction=0.0))
     assert json.loads((out / "schema.json").read_text())["splits"]["train"]["rows"] == 3
     assert schema.splits["train"].dropped == {"click0_conversion1": 1}
     assert schema.splits["train"].rows_read == 4 and schema.splits["test"].rows == 1
@@ -117,7 +117,7 @@ def test_raw_rows_by_hand(raw_dir: Path, tmp_path: Path) -> None:
 
 
 def test_raw_min_count(raw_dir: Path, tmp_path: Path) -> None:
-    schema = prepare_dataset("aliccp-raw", raw_dir, tmp_path / "ds", PrepareOptions(min_count=2))
+    schema = prepare_dataset("aliccp-raw", raw_dir, tmp_path / "ds", PrepareOptions(valid_fraction=0.0, min_count=2))
     vocab = load_vocab(tmp_path / "ds", "109_14")
     assert vocab.raw_ids.tolist() == [501, 503] and vocab.counts.tolist() == [3, 2]
     assert schema.field("109_14").num_embeddings == 3 and schema.min_count == 2
@@ -128,7 +128,7 @@ def test_raw_min_count(raw_dir: Path, tmp_path: Path) -> None:
 
 
 def test_raw_hash_formula(raw_dir: Path, tmp_path: Path) -> None:
-    opts = PrepareOptions(id_mapping="hash", hash_size=1000, hash_sizes={"101": 7})
+    opts = PrepareOptions(valid_fraction=0.0, id_mapping="hash", hash_size=1000, hash_sizes={"101": 7})
     schema = prepare_dataset("aliccp-raw", raw_dir, tmp_path / "ds", opts)
     assert not (tmp_path / "ds" / "vocab").exists()
     assert schema.id_mapping == "hash" and schema.hash_size == 1000
@@ -167,8 +167,8 @@ def test_raw_matches_line_by_line_reference(tmp_path: Path) -> None:
     src = tmp_path / "raw"
     random_raw(src, "train", 700, 23, seed=1)
     random_raw(src, "test", 300, 11, seed=2)
-    opts = PrepareOptions(block_bytes=3000, row_group_rows=64, max_row_group_values=500, rows_per_file=200,
-                          min_count=2)
+    opts = PrepareOptions(valid_fraction=0.0, block_bytes=3000, row_group_rows=64, max_row_group_values=500,
+                          rows_per_file=200, min_count=2)
     out = tmp_path / "ds"
     schema = prepare_dataset("aliccp-raw", src, out, opts)
     vocab = {f: {int(r): i + 1 for i, r in enumerate(load_vocab(out, f).raw_ids)} for f in ALICCP_FIELDS}
@@ -234,7 +234,7 @@ def test_valid_split_by_sample_id_hash(tmp_path: Path) -> None:
 def test_raw_layouts_single_file_gzip_and_cli(raw_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # One skeleton file: its common-features sibling is found, the split comes from the name.
     schema = prepare_dataset("aliccp-raw", raw_dir / "sample_skeleton_test.csv", tmp_path / "one",
-                             PrepareOptions(id_mapping="hash"))
+                             PrepareOptions(valid_fraction=0.0, id_mapping="hash"))
     assert list(schema.splits) == ["test"] and schema.splits["test"].rows == 1
     # The Merlin layout DIR/<split>/ with gzip-compressed files.
     merlin = tmp_path / "merlin"
@@ -243,12 +243,14 @@ def test_raw_layouts_single_file_gzip_and_cli(raw_dir: Path, tmp_path: Path, cap
         for name in (f"sample_skeleton_{split}.csv", f"common_features_{split}.csv"):
             with gzip.open(merlin / split / f"{name}.gz", "wb") as f:
                 f.write((raw_dir / name).read_bytes())
-    schema = prepare_dataset("aliccp-raw", merlin, tmp_path / "merlin_ds")
+    schema = prepare_dataset("aliccp-raw", merlin, tmp_path / "merlin_ds", PrepareOptions(valid_fraction=0.0))
     assert schema.splits["train"].rows == 3 and schema.splits["test"].rows == 1
     # The command line: exit 0, the summary on stdout, the contract's schema.json keys.
     out = tmp_path / "cli"
-    assert prepare_main(["--format", "aliccp-raw", "--input", str(raw_dir), "--output", str(out), "--quiet"]) == 0
-    assert prepare_main(["--format", "aliccp-raw", "--input", str(raw_dir), "--output", str(out),
+    assert prepare_main(["--valid-fraction", "0",
+                         "--format", "aliccp-raw", "--input", str(raw_dir), "--output", str(out), "--quiet"]) == 0
+    assert prepare_main(["--valid-fraction", "0",
+                         "--format", "aliccp-raw", "--input", str(raw_dir), "--output", str(out),
                          "--overwrite", "--min-count", "2"]) == 0
     printed = capsys.readouterr().out
     assert "click0_conversion1=1" in printed and "109_14" in printed
@@ -260,9 +262,9 @@ def test_raw_layouts_single_file_gzip_and_cli(raw_dir: Path, tmp_path: Path, cap
 
 
 def test_vocab_from_reuses_the_mapping(raw_dir: Path, tmp_path: Path) -> None:
-    base = prepare_dataset("aliccp-raw", raw_dir, tmp_path / "base")
+    base = prepare_dataset("aliccp-raw", raw_dir, tmp_path / "base", PrepareOptions(valid_fraction=0.0))
     schema = prepare_dataset("aliccp-raw", raw_dir / "sample_skeleton_test.csv", tmp_path / "new",
-                             PrepareOptions(vocab_from=str(tmp_path / "base")))
+                             PrepareOptions(valid_fraction=0.0, vocab_from=str(tmp_path / "base")))
     assert [f.num_embeddings for f in schema.fields] == [f.num_embeddings for f in base.fields]
     assert read_split(tmp_path / "new", schema, "test") == read_split(tmp_path / "base", base, "test")
     assert load_vocab(tmp_path / "new", "205").raw_ids.tolist() == [9000, 9001]
@@ -305,7 +307,8 @@ def test_fdn_sample(tmp_path: Path) -> None:
         parsed.append(row)
     vocab = vocab_from_text(parsed)
     out = tmp_path / "fdn"
-    assert prepare_main(["--format", "fdn", "--input", str(path), "--split", "train", "--output", str(out),
+    assert prepare_main(["--valid-fraction", "0",
+                         "--format", "fdn", "--input", str(path), "--split", "train", "--output", str(out),
                          "--quiet"]) == 0
     schema = SchemaSpec.load(out)
     rows = read_split(out, schema, "train")
@@ -340,7 +343,7 @@ def test_paddlerec_sample(tmp_path: Path) -> None:
     kept = [line for line in train_lines if line.split(",")[1:3] != ["0", "1"]]
     vocab = vocab_from_text([parse(line) for line in kept])
     out = tmp_path / "paddle"
-    schema = prepare_dataset("paddlerec", folder, out)
+    schema = prepare_dataset("paddlerec", folder, out, PrepareOptions(valid_fraction=0.0))
     assert schema.splits["train"].rows == len(kept) and schema.splits["test"].rows == len(test_lines) == 10
     assert schema.splits["train"].dropped.get("click0_conversion1", 0) == len(train_lines) - len(kept)
     for split, lines in (("train", kept), ("test", test_lines)):
@@ -370,7 +373,8 @@ def test_aitm_csv_sample_headerless_test(tmp_path: Path) -> None:
     kept_train = [line for line in train_lines[1:] if not line.startswith("0,1,")]
     vocab = vocab_from_text([parse(line) for line in kept_train])
     out = tmp_path / "aitm"
-    schema = prepare_dataset("csv", folder, out)
+    # AITM encodes ids from 1 with 0 = missing/OOV: say so (csv keeps 0 as an id by default).
+    schema = prepare_dataset("csv", folder, out, PrepareOptions(valid_fraction=0.0, missing_id=0))
     assert schema.field_names == fields and schema.labels == ["click", "conversion"]
     assert schema.splits["train"].rows == len(kept_train)
     assert schema.splits["train"].dropped == {"click0_conversion1": len(train_lines) - 1 - len(kept_train)}
@@ -391,7 +395,7 @@ def test_aitm_csv_sample_headerless_test(tmp_path: Path) -> None:
 @needs_samples
 def test_rechub_csv_sample_with_weights(tmp_path: Path) -> None:
     folder = SAMPLES / "rechub_preprocessed"
-    schema = prepare_dataset("csv", folder, tmp_path / "rechub")
+    schema = prepare_dataset("csv", folder, tmp_path / "rechub", PrepareOptions(valid_fraction=0.0, missing_id=0))
     lines = {s: (folder / f"ali_ccp_{n}_sample.csv").read_text().splitlines()
              for s, n in (("train", "train"), ("valid", "val"), ("test", "test"))}
     header = lines["train"][0].split(",")
@@ -420,7 +424,7 @@ def test_rechub_csv_sample_with_weights(tmp_path: Path) -> None:
 def test_rechub_single_file_by_name(tmp_path: Path) -> None:
     shutil.copy(SAMPLES / "rechub_preprocessed" / "ali_ccp_train_sample.csv", tmp_path / "ali_ccp_train_sample.csv")
     schema = prepare_dataset("csv", tmp_path / "ali_ccp_train_sample.csv", tmp_path / "ds",
-                             PrepareOptions(id_mapping="hash", labels=["purchase", "click"]))
+                             PrepareOptions(valid_fraction=0.0, id_mapping="hash", labels=["purchase", "click"]))
     assert list(schema.splits) == ["train"] and schema.labels == ["purchase", "click"]
     assert "conversion" not in schema.field_names and "purchase" not in schema.field_names
     assert schema.splits["train"].dropped == {}  # the click/conversion rule needs both names
@@ -430,13 +434,15 @@ def test_user_csv_with_three_tasks(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("sample_id,like,share,buy,user,item,Ditem\n"
                                         "70,1,0,1,5,8,0.25\n71,0,0,0,6,0,0\n72,0,1,0,5,9,1.5\n")
     (tmp_path / "test.csv").write_text("sample_id,like,share,buy,user,item,Ditem\n80,1,1,1,7,9,2.0\n")
-    schema = prepare_dataset("csv", tmp_path, tmp_path / "ds", PrepareOptions(labels=["buy", "like", "share"]))
+    schema = prepare_dataset("csv", tmp_path, tmp_path / "ds",
+                             PrepareOptions(valid_fraction=0.0, labels=["buy", "like", "share"]))
     assert schema.labels == ["buy", "like", "share"] and schema.field_names == ["user", "item"]
     assert schema.field("item").weight_column == weight_column_name("item") and schema.field("user").weight_column is None
     rows = read_split(tmp_path / "ds", schema, "train")
     assert [r["sample_id"] for r in rows] == [70, 71, 72]
     assert [(r["buy"], r["like"], r["share"]) for r in rows] == [(1, 1, 0), (0, 0, 0), (0, 0, 1)]
-    assert [r["user"] for r in rows] == [[1], [2], [1]] and [r["item"] for r in rows] == [[1], [], [2]]
-    assert [r[weight_column_name("item")] for r in rows] == [[0.25], [], [1.5]]
+    # csv keeps id 0 as an ordinary id: item vocabulary [0, 8, 9] -> rows 1, 2, 3.
+    assert [r["user"] for r in rows] == [[1], [2], [1]] and [r["item"] for r in rows] == [[2], [1], [3]]
+    assert [r[weight_column_name("item")] for r in rows] == [[0.25], [0.0], [1.5]]
     test_row = read_split(tmp_path / "ds", schema, "test")[0]
-    assert test_row["user"] == [0] and test_row["item"] == [2] and test_row["sample_id"] == 80
+    assert test_row["user"] == [0] and test_row["item"] == [3] and test_row["sample_id"] == 80

@@ -1,5 +1,6 @@
-"""dtn-synth -> dtn-prepare (vocab and hash) -> ParquetBatchReader reproduces every id list, weight
-and label of the raw text, which the test parses by hand."""
+"""dtn-synth -> dtn-prepare (vocab and hash, default flags: a valid split carved from train) ->
+ParquetBatchReader reproduces every id list, weight and label of the raw text, which the test
+parses by hand."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from dtn_torchrec.cli.prepare import main as prepare_main
 from dtn_torchrec.cli.synth import main as synth_main
+from dtn_torchrec.data.prepare import DEFAULT_VALID_FRACTION, valid_mask
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import ALICCP_FIELDS, SchemaSpec
 
@@ -79,7 +81,12 @@ def test_synth_prepare_reader_roundtrip(raw: Path, tmp_path: Path, mapping: str)
     assert prepare_main(args) == 0
     schema = SchemaSpec.load(dataset)
     truth = json.loads((raw / "truth.json").read_text())
-    train = parse_split(raw, "train")
+    train_file = parse_split(raw, "train")
+    file_ids = np.array(sorted(train_file), dtype=np.int64)
+    valid_ids = set(file_ids[valid_mask(file_ids, DEFAULT_VALID_FRACTION, 0)].tolist())
+    assert 0 < len(valid_ids) < len(file_ids) // 5
+    train = {sid: row for sid, row in train_file.items() if sid not in valid_ids}
+    valid = {sid: row for sid, row in train_file.items() if sid in valid_ids}
     if mapping == "vocab":  # vocabulary rebuilt from the raw train text: sorted distinct ids -> 1..V
         vocab = {f: {r: i + 1 for i, r in enumerate(sorted({x for row in train.values() for x in row[2].get(f, [])}))}
                  for f in ALICCP_FIELDS}
@@ -91,10 +98,13 @@ def test_synth_prepare_reader_roundtrip(raw: Path, tmp_path: Path, mapping: str)
         def mapped(field: str, ids: List[int]) -> List[int]:
             return [1 + x % (HASH_SIZE - 1) for x in ids]
 
-    for split in ("train", "test"):
-        expected = train if split == "train" else parse_split(raw, split)
-        assert schema.splits[split].rows == len(expected) == truth["counts"][split]["valid_rows"]
-        assert schema.splits[split].dropped == {"click0_conversion1": 2}
+    assert schema.splits["train"].rows + schema.splits["valid"].rows == truth["counts"]["train"]["valid_rows"]
+    assert schema.splits["test"].rows == truth["counts"]["test"]["valid_rows"]
+    assert sum(schema.splits[s].dropped.get("click0_conversion1", 0) for s in ("train", "valid")) == 2
+    assert schema.splits["test"].dropped == {"click0_conversion1": 2}
+    for split in ("train", "valid", "test"):
+        expected = {"train": train, "valid": valid}.get(split) or parse_split(raw, split)
+        assert schema.splits[split].rows == len(expected)
         got = read_rows(dataset, split)
         assert sorted(got) == sorted(expected)
         for sid, (click, conv, ids, values) in expected.items():

@@ -9,7 +9,13 @@ from typing import Dict, List, Optional
 
 from dtn_torchrec.data.formats import FORMATS
 from dtn_torchrec.data.idmap import DEFAULT_HASH_SIZE
-from dtn_torchrec.data.prepare import ID_MAPPINGS, PrepareOptions, format_summary, prepare_dataset
+from dtn_torchrec.data.prepare import (
+    DEFAULT_VALID_FRACTION,
+    ID_MAPPINGS,
+    PrepareOptions,
+    format_summary,
+    prepare_dataset,
+)
 from dtn_torchrec.data.prepare_lines import PrepareError
 
 _EPILOG = """\
@@ -18,8 +24,10 @@ inputs (--input):
               common_features_{train,test}.csv (or in DIR/train/, DIR/test/), or one
               sample_skeleton_*.csv file (its common_features_* sibling is used).
   fdn, paddlerec, csv
-              a directory with files whose names contain train / test / val(id) / dev
-              (train.csv, train_small.txt, ali_ccp_val_sample.csv, ...), or one file with --split.
+              a directory with files whose names contain train / test / val(id) / dev and end in
+              .csv, .txt or a split name (train.csv, train_small.txt, ali_ccp_val_sample.csv,
+              ctr_cvr.dev), optionally + .gz/.bz2/.zst/.lz4; or one file with --split. Other files
+              are listed as ignored; the files taken are printed and kept in schema.json.
 
 formats:
   aliccp-raw  skeleton: sample_id,click,conversion,common_feature_index,feature_num,feature_list
@@ -31,8 +39,12 @@ formats:
               --labels; optional sample_id column; column D<name> = weight of field <name>
               (--weight-prefix); every other column is a single-valued sparse field. A headerless
               file uses the train file's header.
-  Raw id 0 means missing in every format. Labels must be 0/1. Rows with click=0, conversion=1
-  are dropped and counted as click0_conversion1.
+  Missing ids: raw id 0 means missing in aliccp-raw, fdn and paddlerec; in csv every id is an
+  ordinary id (0-based encodings) and an empty cell is missing. --missing-id V|none overrides.
+  Negative ids are errors. Labels must be 0/1. Rows with click=0, conversion=1 are dropped and
+  counted as click0_conversion1. A split with 0 rows left is an error.
+  The valid split: --valid-fraction (default 0.1 when the input has train and no valid split) of
+  the train rows, chosen by a seeded hash of the sample id; --valid-fraction 0 turns it off.
 
 outputs:
   DIR/schema.json, DIR/<split>/part-*.parquet (train, test[, valid]), DIR/vocab/<field>.parquet
@@ -61,6 +73,15 @@ def _hash_sizes(text: str) -> Dict[str, int]:
     return sizes
 
 
+def _missing_id(text: str) -> int | str:
+    if text in ("none", "default"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer, 'none' or 'default'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtn-prepare", description="Convert Ali-CCP (raw Tianchi files, FDN, PaddleRec "
                                 "or header CSV) into a Parquet dataset with schema.json, streaming.",
@@ -81,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hash: per-field table sizes, e.g. 101=500000,205=4000037")
     p.add_argument("--vocab-from", metavar="DATASET",
                    help="reuse the fields and id mapping of an existing dataset (e.g. to convert new test data)")
-    p.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
-                   help="move this share of train rows to a valid split, by a seeded hash of the sample id")
+    p.add_argument("--valid-fraction", type=float, default=None, metavar="F",
+                   help="move this share of train rows to a valid split, by a seeded hash of the sample id "
+                   f"(default: {DEFAULT_VALID_FRACTION} when the input has no valid split; 0: none)")
+    p.add_argument("--missing-id", type=_missing_id, default="default", metavar="V|none",
+                   help="the raw id that means missing (default: 0 for aliccp-raw, fdn, paddlerec; none for csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the valid-split hash (default: 0)")
     p.add_argument("--labels", type=_csv_list, metavar="A,B,...",
                    help="csv: label columns in task order (default: click and conversion/purchase)")
@@ -109,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = PrepareOptions(
         split=args.split, id_mapping=args.id_mapping, min_count=args.min_count, hash_size=args.hash_size,
         hash_sizes=args.hash_sizes, vocab_from=args.vocab_from, valid_fraction=args.valid_fraction,
-        seed=args.seed, labels=args.labels, fields=args.fields, weight_prefix=args.weight_prefix,
+        seed=args.seed, missing_id=args.missing_id, labels=args.labels, fields=args.fields, weight_prefix=args.weight_prefix,
         skip_bad=args.skip_bad, overwrite=args.overwrite, block_bytes=max(1, int(args.block_mb * (1 << 20))),
         row_group_rows=args.row_group_rows, max_row_group_values=args.max_row_group_values,
         rows_per_file=args.rows_per_file, progress=False if args.quiet else None)

@@ -1,9 +1,11 @@
 """Input formats of `dtn-prepare`: one vectorised parser per format.
 
 Every parser turns a block of lines into ``ParsedRows`` (sample ids, 0/1 labels, one ragged id
-list per field, and for raw Ali-CCP the row of the common-features table to join). Raw id 0
-means "missing" in every format and is removed from the lists (a field with no ids is an empty
-list).
+list per field, and for raw Ali-CCP the row of the common-features table to join). The raw id
+``missing_id`` means "missing" and is removed from the lists (a field with no ids is an empty
+list): by default 0 for ``aliccp-raw``, ``fdn`` and ``paddlerec`` (their documented encoding),
+none for ``csv`` (0-based encoded CSVs use 0 as an ordinary id; an empty cell is missing).
+Negative ids are rejected (``negative_id``) unless they are the ``missing_id``.
 
 ``aliccp-raw`` (Tianchi files)
     skeleton ``sample_id,click,conversion,common_feature_index,feature_num,feature_list`` and
@@ -23,7 +25,7 @@ list).
     A column ``<prefix><name>`` (prefix ``D`` by default, ``--weight-prefix``) where ``<name>``
     is another column is the weight of field ``<name>`` (torch-rechub's dense columns hold the
     ``feature_value`` of the same occurrence). Every other column is a single-valued sparse
-    field. An empty cell is missing (id 0, weight 0). A file whose first line is all numbers
+    field. An empty cell is missing (no id, no weight). A file whose first line is all numbers
     has no header and uses the header of the first train file. No quoting.
 
 Labels must be ``0`` or ``1``. Lines are comma-separated; blank lines are skipped.
@@ -50,6 +52,7 @@ from dtn_torchrec.data.prepare_lines import (
     BAD_VALUE,
     DUPLICATE_COMMON_KEY,
     MISSING_COMMON_KEY,
+    NEGATIVE_ID,
     UNKNOWN_FIELD,
     WRONG_COLUMN_COUNT,
     BadLineLog,
@@ -65,6 +68,8 @@ from dtn_torchrec.data.prepare_ragged import Ragged, concat_blocks, group_by_fie
 from dtn_torchrec.data.schema import ALICCP_FIELDS, ALICCP_LABELS, SAMPLE_ID_COLUMN
 
 FORMATS = ("aliccp-raw", "fdn", "paddlerec", "csv")
+# The raw id that means "missing" unless --missing-id says otherwise.
+DEFAULT_MISSING_ID: Dict[str, Optional[int]] = {"aliccp-raw": 0, "fdn": 0, "paddlerec": 0, "csv": None}
 SKELETON_COLUMNS = ["sample_id", "click", "conversion", "common_feature_index", "feature_num", "feature_list"]
 COMMON_COLUMNS = ["common_feature_index", "feature_num", "feature_list"]
 _BINARY = pa.array(["0", "1"], pa.large_string())
@@ -124,8 +129,9 @@ class InputFormat(ABC):
     weighted: List[bool]
     labels: List[str]
 
-    def __init__(self, block_bytes: int) -> None:
+    def __init__(self, block_bytes: int, missing_id: Optional[int]) -> None:
         self.block_bytes = block_bytes
+        self.missing_id = missing_id
 
     def load_common(self, source: SourceFile, skip_bad: bool, log: BadLineLog,
                     on_bytes: Callable[[int], None]) -> Optional[CommonTable]:
@@ -137,7 +143,7 @@ class InputFormat(ABC):
         """The parsed blocks of ``source``; bad lines raise, or go to ``log`` with ``skip_bad``."""
         parse = self.block_parser(source, common)
         for block in iter_line_blocks(source.path, self.block_bytes, self.header_lines(source)):
-            yield Block(parse_block(block, parse, skip_bad, log), len(block), block.nbytes)
+            yield Block(parse_block(block, parse, skip_bad, log), block.num_lines, block.nbytes)
 
     def header_lines(self, source: SourceFile) -> int:
         """Lines at the top of ``source`` that are not data (a csv header)."""
@@ -149,26 +155,39 @@ class InputFormat(ABC):
         """``parse(lines, line_numbers) -> ParsedRows``; raises BlockRejection for bad lines."""
 
 
+def resolve_missing_id(name: str, missing_id: "int | str") -> Optional[int]:
+    """The raw id meaning "missing" for format ``name``: ``"default"`` (the format's own),
+    ``"none"`` (every id is an ordinary id) or an integer."""
+    if missing_id == "default":
+        return DEFAULT_MISSING_ID[name]
+    if missing_id == "none":
+        return None
+    if isinstance(missing_id, int) and not isinstance(missing_id, bool):
+        return missing_id
+    raise ValueError(f"--missing-id {missing_id!r}: expected an integer, 'none' or 'default'")
+
+
 def make_format(name: str, sources: Sequence[SourceFile], fields: Optional[List[str]] = None,
                 labels: Optional[List[str]] = None, weight_prefix: str = "D",
-                block_bytes: int = 8 << 20) -> InputFormat:
+                block_bytes: int = 8 << 20, missing_id: "int | str" = "default") -> InputFormat:
     """The parser for format ``name`` over ``sources`` (csv reads the headers)."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
+    missing = resolve_missing_id(name, missing_id)
     if name == "csv":
         if fields:
             raise ValueError("--fields does not apply to --format csv: the header names the fields")
-        return CsvFormat(sources, labels, weight_prefix, block_bytes)
+        return CsvFormat(sources, labels, weight_prefix, block_bytes, missing)
     if labels:
         raise ValueError(f"--labels applies to --format csv only; {name} has labels {ALICCP_LABELS}")
     field_names = [check_field_name(f) for f in (fields or ALICCP_FIELDS)]
     if len(set(field_names)) != len(field_names):
         raise ValueError(f"--fields has duplicates: {field_names}")
     if name == "aliccp-raw":
-        return RawAliccpFormat(field_names, block_bytes)
+        return RawAliccpFormat(field_names, block_bytes, missing)
     if name == "fdn":
-        return FdnFormat(field_names, block_bytes)
-    if name == "paddlerec":
-        return PaddleRecFormat(field_names, block_bytes)
-    raise ValueError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
+        return FdnFormat(field_names, block_bytes, missing)
+    return PaddleRecFormat(field_names, block_bytes, missing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +259,17 @@ def split_lists(col: pa.Array, sep: str) -> Tuple[pa.Array, np.ndarray]:
     return flat, lengths
 
 
+def reject_negative(ids: np.ndarray, missing_id: Optional[int], row_of: Optional[np.ndarray],
+                    describe: Callable[[int], Tuple[str, str]]) -> None:
+    """Rejects the rows holding a negative id other than ``missing_id``."""
+    bad = ids < 0
+    if missing_id is not None and missing_id < 0:
+        bad &= ids != missing_id
+    reject_mask(bad, NEGATIVE_ID, describe, row_of)
+
+
 def parse_feature_list(col: pa.Array, index: Dict[str, int], num_rows: int, counts: Optional[np.ndarray],
+                       missing_id: Optional[int],
                        column: str = "feature_list") -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw Ali-CCP feature lists ``field\\x02id\\x03value`` joined by ``\\x01``.
 
@@ -260,6 +289,7 @@ def parse_feature_list(col: pa.Array, index: Dict[str, int], num_rows: int, coun
                                       lambda i: (column, f"{where(i)} is not field\\x02id\\x03value (no single \\x03)"))
     field_of = field_codes(names, index, row_of)
     ids = to_int64(id_text, BAD_ID, lambda i: (names[i].as_py(), f"{where(i)}: id is not an integer"), row_of)
+    reject_negative(ids, missing_id, row_of, lambda i: (names[i].as_py(), f"{where(i)}: id {ids[i]} is negative"))
     values = to_float32(value_text, BAD_VALUE, lambda i: (names[i].as_py(), f"{where(i)}: value is not a number"),
                         row_of)
     if counts is not None:
@@ -279,8 +309,8 @@ def _parse_count(col: pa.Array) -> np.ndarray:
 class RawAliccpFormat(InputFormat):
     name = "aliccp-raw"
 
-    def __init__(self, fields: List[str], block_bytes: int) -> None:
-        super().__init__(block_bytes)
+    def __init__(self, fields: List[str], block_bytes: int, missing_id: Optional[int]) -> None:
+        super().__init__(block_bytes, missing_id)
         self.fields = fields
         self.weighted = [True] * len(fields)
         self.labels = list(ALICCP_LABELS)
@@ -305,8 +335,10 @@ class RawAliccpFormat(InputFormat):
             reject_mask(dup, DUPLICATE_COMMON_KEY,
                         lambda i: ("common_feature_index", f"key {snippet(block_keys[i])} appeared before"))
             counts = _parse_count(cols[1])
-            row_of, field_of, ids, values = parse_feature_list(cols[2], self._index, len(lines), counts)
-            return block_keys, group_by_field(row_of, field_of, ids, values, len(lines), len(self.fields))
+            row_of, field_of, ids, values = parse_feature_list(cols[2], self._index, len(lines), counts,
+                                                               self.missing_id)
+            return block_keys, group_by_field(row_of, field_of, ids, values, len(lines), len(self.fields),
+                                              self.missing_id)
 
         for block in iter_line_blocks(source.common_path, self.block_bytes):
             parsed = parse_block(block, parse, skip_bad, log)
@@ -339,8 +371,10 @@ class RawAliccpFormat(InputFormat):
                         lambda i: ("common_feature_index",
                                    f"key {snippet(cols[3][i].as_py())} is not in {common_path}"))
             counts = _parse_count(cols[4])
-            row_of, field_of, ids, values = parse_feature_list(cols[5], self._index, len(lines), counts)
-            fields = group_by_field(row_of, field_of, ids, values, len(lines), len(self.fields))
+            row_of, field_of, ids, values = parse_feature_list(cols[5], self._index, len(lines), counts,
+                                                               self.missing_id)
+            fields = group_by_field(row_of, field_of, ids, values, len(lines), len(self.fields),
+                                    self.missing_id)
             return ParsedRows(sample_ids, labels, fields, common_rows)
 
         return parse
@@ -349,8 +383,8 @@ class RawAliccpFormat(InputFormat):
 class FdnFormat(InputFormat):
     name = "fdn"
 
-    def __init__(self, fields: List[str], block_bytes: int) -> None:
-        super().__init__(block_bytes)
+    def __init__(self, fields: List[str], block_bytes: int, missing_id: Optional[int]) -> None:
+        super().__init__(block_bytes, missing_id)
         self.fields = fields
         self.weighted = [False] * len(fields)
         self.labels = list(ALICCP_LABELS)
@@ -381,14 +415,15 @@ class FdnFormat(InputFormat):
         flat, lengths = split_lists(pc.utf8_slice_codeunits(col, len(prefix)), "#")
         row_of = np.repeat(np.arange(len(col), dtype=np.int64), lengths)
         ids = to_int64(flat, BAD_ID, lambda i: (name, f"id {snippet(flat[i].as_py())} is not an integer"), row_of)
-        return Ragged.from_lengths(lengths, ids).drop_missing()
+        reject_negative(ids, self.missing_id, row_of, lambda i: (name, f"id {ids[i]} is negative"))
+        return Ragged.from_lengths(lengths, ids).drop_missing(self.missing_id)
 
 
 class PaddleRecFormat(InputFormat):
     name = "paddlerec"
 
-    def __init__(self, fields: List[str], block_bytes: int) -> None:
-        super().__init__(block_bytes)
+    def __init__(self, fields: List[str], block_bytes: int, missing_id: Optional[int]) -> None:
+        super().__init__(block_bytes, missing_id)
         self.fields = fields
         self.weighted = [False] * len(fields)
         self.labels = list(ALICCP_LABELS)
@@ -416,7 +451,9 @@ class PaddleRecFormat(InputFormat):
             names, id_text = split_pairs(tokens, ":", row_of, lambda i: ("features", f"{where(i)} is not field:id"))
             field_of = field_codes(names, self._index, row_of)
             ids = to_int64(id_text, BAD_ID, lambda i: (names[i].as_py(), f"{where(i)}: id is not an integer"), row_of)
-            fields = group_by_field(row_of, field_of, ids, None, len(lines), len(self.fields))
+            reject_negative(ids, self.missing_id, row_of,
+                            lambda i: (names[i].as_py(), f"{where(i)}: id {ids[i]} is negative"))
+            fields = group_by_field(row_of, field_of, ids, None, len(lines), len(self.fields), self.missing_id)
             return ParsedRows(sample_ids, labels, fields)
 
         return parse
@@ -434,8 +471,8 @@ class CsvFormat(InputFormat):
     name = "csv"
 
     def __init__(self, sources: Sequence[SourceFile], labels: Optional[List[str]], weight_prefix: str,
-                 block_bytes: int) -> None:
-        super().__init__(block_bytes)
+                 block_bytes: int, missing_id: Optional[int]) -> None:
+        super().__init__(block_bytes, missing_id)
         reference = next((s for s in sources if s.split == "train"), sources[0])
         first = read_first_line(reference.path)
         if _all_numbers(first):
@@ -507,8 +544,13 @@ class CsvFormat(InputFormat):
             labels = parse_labels([cols[position[c]] for c in self._label_columns], self._label_columns)
             fields = []
             for name in self.fields:
-                ids = _cells(cols[position[name]], "0", to_int64, BAD_ID, name, "id is not an integer")
-                keep = ids != 0
+                col = cols[position[name]]
+                ids = _cells(col, "0", to_int64, BAD_ID, name, "id is not an integer")
+                keep = pc.not_equal(col, "").to_numpy(zero_copy_only=False)
+                if self.missing_id is not None:
+                    keep &= ids != self.missing_id
+                reject_negative(np.where(keep, ids, 0), None, None,
+                                lambda i, n=name, v=ids: (n, f"id {v[i]} is negative"))
                 weights = None
                 if name in self._weight_columns:
                     column = self._weight_columns[name]

@@ -16,20 +16,26 @@ Rows dropped, counted per split in ``schema.json["splits"][split]["dropped"][rea
   ``summary["common_features"][split]["dropped"]``, and skeleton rows pointing at a key lost
   that way are dropped as ``missing_common_key``.
 
-``valid_fraction`` moves the train rows whose seeded hash of the sample id falls below the
-fraction to ``valid`` (Ali-CCP files are grouped by user, so a prefix would be biased); each
-split's ``rows_read`` counts the rows routed to it, so ``rows_read == rows + sum(dropped)``.
+``valid_fraction`` (default ``DEFAULT_VALID_FRACTION`` when the input has a train split and no
+valid split) moves the train rows whose seeded hash of the sample id falls below the fraction
+to ``valid`` (Ali-CCP files are grouped by user, so a prefix would be biased); each split's
+``rows_read`` counts the rows routed to it, so ``rows_read == rows + sum(dropped)``. A split
+left with 0 rows is an error.
 
-The dataset is written to a hidden temporary directory next to ``output`` and renamed at the
-end: a failed or interrupted run leaves nothing at ``output``.
+The dataset is written to a hidden temporary directory ``.<name>.tmp-<pid>-<hex>`` next to
+``output`` (mode from the umask) and renamed at the end: a failed or interrupted run leaves
+nothing at ``output``, and the next run removes the temporary directories of runs whose process
+is gone. ``overwrite`` replaces only a dataset (a directory with a ``schema.json``), never a
+directory holding the input.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dtn_torchrec.data.formats import CommonTable, InputFormat, ParsedRows, make_format
+from dtn_torchrec.data.formats import CommonTable, InputFormat, ParsedRows, make_format, resolve_missing_id
 from dtn_torchrec.data.idmap import (
     DEFAULT_HASH_SIZE,
     HashIdMap,
@@ -51,11 +57,12 @@ from dtn_torchrec.data.idmap import (
     map_in_place,
     save_vocab,
 )
-from dtn_torchrec.data.prepare_inputs import SourceFile, discover_sources
+from dtn_torchrec.data.prepare_inputs import SourceFile, Sources, discover_sources
 from dtn_torchrec.data.prepare_lines import BadLineLog
 from dtn_torchrec.data.prepare_ragged import Ragged
 from dtn_torchrec.data.schema import (
     SAMPLE_ID_COLUMN,
+    SCHEMA_FILE,
     FieldSpec,
     SchemaSpec,
     SplitSpec,
@@ -64,6 +71,7 @@ from dtn_torchrec.data.schema import (
 
 INVALID_LABEL_PAIR = "click0_conversion1"
 ID_MAPPINGS = ("vocab", "hash")
+DEFAULT_VALID_FRACTION = 0.1
 
 
 @dataclass
@@ -77,8 +85,11 @@ class PrepareOptions:
         hash_size: ``hash``: table size of every field (row 0 reserved).
         hash_sizes: ``hash``: per-field table sizes overriding ``hash_size``.
         vocab_from: reuse the fields and id mapping of this existing dataset.
-        valid_fraction: share of train rows moved to ``valid`` by a hash of the sample id.
+        valid_fraction: share of train rows moved to ``valid`` by a hash of the sample id; None:
+            ``DEFAULT_VALID_FRACTION`` if the input has a train and no valid split, else 0.
         seed: seed of that hash.
+        missing_id: the raw id meaning "missing": ``"default"`` (the format's, see
+            ``formats``), ``"none"`` or an integer.
         labels: ``csv``: label columns, in task order.
         fields: non-csv formats: the known field names (default: the 23 Ali-CCP fields).
         weight_prefix: ``csv``: prefix of weight columns (``""``: none).
@@ -98,8 +109,9 @@ class PrepareOptions:
     hash_size: int = DEFAULT_HASH_SIZE
     hash_sizes: Dict[str, int] = field(default_factory=dict)
     vocab_from: Optional[str] = None
-    valid_fraction: float = 0.0
+    valid_fraction: Optional[float] = None
     seed: int = 0
+    missing_id: int | str = "default"
     labels: Optional[List[str]] = None
     fields: Optional[List[str]] = None
     weight_prefix: str = "D"
@@ -116,7 +128,7 @@ class PrepareOptions:
             raise ValueError(f"id mapping {self.id_mapping!r}: choose from {', '.join(ID_MAPPINGS)}")
         if self.min_count < 1:
             raise ValueError(f"--min-count must be >= 1, got {self.min_count}")
-        if not 0.0 <= self.valid_fraction < 1.0:
+        if self.valid_fraction is not None and not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         for name, size in [("--hash-size", self.hash_size)] + [(f"--hash-sizes {k}", v) for k, v in self.hash_sizes.items()]:
             if size < 2:
@@ -144,15 +156,13 @@ def prepare_dataset(fmt: str, input_path: str | os.PathLike, output: str | os.Pa
     options = options or PrepareOptions()
     options.validate()
     sources = discover_sources(fmt, os.fspath(input_path), options.split)
-    parser = make_format(fmt, [s for files in sources.values() for s in files], options.fields,
-                         options.labels, options.weight_prefix, options.block_bytes)
+    parser = make_format(fmt, [s for files in sources.files.values() for s in files], options.fields,
+                         options.labels, options.weight_prefix, options.block_bytes, options.missing_id)
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--output {out} is a file, not a directory")
-    if out.exists() and any(out.iterdir()) and not options.overwrite:
-        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    _check_output(out, Path(input_path), options.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale_temporaries(out)
+    tmp = _make_temporary(out, "tmp")
     try:
         schema = _Preparation(fmt, os.fspath(input_path), parser, sources, options, tmp).run()
         _publish(tmp, out)
@@ -162,9 +172,59 @@ def prepare_dataset(fmt: str, input_path: str | os.PathLike, output: str | os.Pa
     return schema
 
 
+def _check_output(out: Path, input_path: Path, overwrite: bool) -> None:
+    """Refuses an ``out`` that is a file, holds the input, or (without ``overwrite``) is a
+    non-empty directory; with ``overwrite`` only a dataset (it has ``schema.json``) is replaced."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {out} is a file, not a directory")
+    if out.resolve() == input_path.resolve() or out.resolve() in input_path.resolve().parents:
+        raise FileExistsError(f"--output {out} holds the input {input_path}; choose another directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    if not (out / SCHEMA_FILE).is_file():
+        raise FileExistsError(f"--output {out} is not a dataset written by dtn-prepare (no {SCHEMA_FILE}); "
+                              f"--overwrite replaces only such a dataset")
+    SchemaSpec.load(out)  # a malformed schema.json is no proof either
+
+
+def _temporary_pattern(out: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]{{8}}$")
+
+
+def _make_temporary(out: Path, kind: str) -> Path:
+    """A new hidden directory next to ``out`` named ``.<name>.<kind>-<pid>-<8 hex>``; created
+    with ``os.mkdir`` so that its mode follows the umask (the published dataset keeps it)."""
+    path = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(path)
+    return path
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Removes the temporary directories of earlier runs for ``out`` whose process is gone."""
+    pattern = _temporary_pattern(out)
+    for path in out.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _publish(tmp: Path, out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = _make_temporary(out, "old")
         os.rename(out, old / out.name)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -191,10 +251,11 @@ class _SplitState:
 class _Preparation:
     """One run of ``prepare_dataset`` writing into ``root`` (the temporary directory)."""
 
-    def __init__(self, fmt: str, input_path: str, parser: InputFormat, sources: Dict[str, List[SourceFile]],
+    def __init__(self, fmt: str, input_path: str, parser: InputFormat, sources: Sources,
                  options: PrepareOptions, root: Path) -> None:
-        self.fmt, self.input_path, self.parser, self.sources, self.options, self.root = (
-            fmt, input_path, parser, sources, options, root)
+        self.fmt, self.input_path, self.parser, self.options, self.root = fmt, input_path, parser, options, root
+        self.sources, self.ignored_inputs = sources.files, sources.ignored
+        self.valid_fraction = self._valid_fraction()
         self.out_splits = self._output_splits()
         self.stats_split = "train" if "train" in self.out_splits else self.out_splits[0]
         self.labels = parser.labels
@@ -204,12 +265,18 @@ class _Preparation:
         self.field_stats = [_FieldStats() for _ in parser.fields]
         self.common_info: Dict[str, Dict[str, object]] = {}
         self.bad_examples: List[str] = []
+        self.unterminated: List[str] = []
         self._common_cache: Optional[Tuple[str, CommonTable, Optional[_ArrowCommon]]] = None
         self.arrow_schema = self._arrow_schema()
 
+    def _valid_fraction(self) -> float:
+        if self.options.valid_fraction is not None:
+            return self.options.valid_fraction
+        return DEFAULT_VALID_FRACTION if "train" in self.sources and "valid" not in self.sources else 0.0
+
     def _output_splits(self) -> List[str]:
         splits = list(self.sources)
-        if self.options.valid_fraction > 0:
+        if self.valid_fraction > 0:
             if "train" not in self.sources:
                 raise ValueError("--valid-fraction needs a train split")
             if "valid" in self.sources:
@@ -239,9 +306,22 @@ class _Preparation:
             if state.writer is None:
                 state.writer = self._open_writer(state)
             state.spec.files = state.writer.close()
+        self._check_splits_not_empty()
         schema = self._schema(vocab_files, time.perf_counter() - start)
         schema.save(self.root)
         return schema
+
+    def _check_splits_not_empty(self) -> None:
+        for name, state in self.splits.items():
+            if state.spec.rows:
+                continue
+            dropped = ", ".join(f"{k}={v}" for k, v in sorted(state.spec.dropped.items())) or "none"
+            if name == "valid" and "valid" not in self.sources:
+                raise ValueError(f"the valid split carved from train (--valid-fraction {self.valid_fraction}) has "
+                                 f"0 rows; pass --valid-fraction 0 or a larger fraction")
+            files = ", ".join(s.path for s in self.sources[name])
+            raise ValueError(f"split {name!r} has 0 rows after filtering ({state.spec.rows_read} read, dropped: "
+                             f"{dropped}) from {files}")
 
     def _id_maps(self) -> Tuple[List[IdMap], Dict[str, str]]:
         opts, fields = self.options, self.parser.fields
@@ -319,6 +399,7 @@ class _Preparation:
         for reason, count in log.counts.items():
             spec.dropped[reason] = spec.dropped.get(reason, 0) + count
         self.bad_examples.extend(log.examples)
+        self.unterminated.extend(log.unterminated)
         if common is not None and source.split == self.stats_split:
             for stats, table in zip(self.field_stats, common.fields):
                 _count_common_ids(stats.distinct, table, key_used.astype(np.int64))
@@ -338,6 +419,7 @@ class _Preparation:
             self.common_info[source.split] = {"path": source.common_path, "keys": table.num_keys,
                                               "dropped": dict(log.counts)}
             self.bad_examples.extend(log.examples)
+            self.unterminated.extend(log.unterminated)
             cached = (source.common_path, table, None)
         path, table, joined = cached
         if mapped and joined is None:
@@ -348,9 +430,9 @@ class _Preparation:
         return table, joined
 
     def _route(self, split: str, rows: ParsedRows) -> List[Tuple[str, ParsedRows]]:
-        if split != "train" or self.options.valid_fraction <= 0:
+        if split != "train" or self.valid_fraction <= 0:
             return [(split, rows)]
-        to_valid = valid_mask(rows.sample_ids, self.options.valid_fraction, self.options.seed)
+        to_valid = valid_mask(rows.sample_ids, self.valid_fraction, self.options.seed)
         return [("train", rows.take(np.flatnonzero(~to_valid))), ("valid", rows.take(np.flatnonzero(to_valid)))]
 
     def _drop_invalid(self, rows: ParsedRows) -> Tuple[ParsedRows, int]:
@@ -424,8 +506,11 @@ class _Preparation:
         summary = {
             "input": self.input_path,
             "sources": {split: [s.path for s in files] for split, files in self.sources.items()},
+            "ignored_inputs": self.ignored_inputs,
             "stats_split": self.stats_split,
-            "valid_fraction": self.options.valid_fraction,
+            "valid_fraction": self.valid_fraction,
+            "missing_id": self.parser.missing_id,
+            "unterminated_last_lines": self.unterminated,
             "seed": self.options.seed,
             "skip_bad": self.options.skip_bad,
             "vocab_from": self.options.vocab_from,
@@ -580,6 +665,10 @@ def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
     lines = [f"dtn-prepare: {schema.source_format} -> {output} ({mapping}); "
              f"labels {', '.join(schema.labels)}; {schema.summary.get('elapsed_s', 0):.1f} s",
              f"{'split':<6} {'rows_read':>12} {'rows':>12}  dropped"]
+    inputs = [f"{split} <- {', '.join(files)}" for split, files in schema.summary.get("sources", {}).items()]
+    lines[1:1] = [f"inputs: {'; '.join(inputs)}"] if inputs else []
+    if schema.summary.get("ignored_inputs"):
+        lines.insert(2, f"ignored (not a data file name): {', '.join(schema.summary['ignored_inputs'])}")
     for name, split in schema.splits.items():
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(split.dropped.items())) or "-"
         lines.append(f"{name:<6} {split.rows_read:>12} {split.rows:>12}  {dropped}")
@@ -593,6 +682,9 @@ def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
                      f"{f.max_length:>8}  {'yes' if f.weight_column else 'no'}")
     for example in schema.summary.get("bad_line_examples", [])[:5]:
         lines.append(f"skipped: {example}")
+    for where in schema.summary.get("unterminated_last_lines", []):
+        lines.append(f"warning: {where} has no line break; kept because it parsed completely "
+                     f"(check that the file is whole)")
     return "\n".join(lines)
 
 

@@ -1,13 +1,17 @@
 """Which input files `dtn-prepare` reads for which split.
 
 * ``aliccp-raw``: ``sample_skeleton_<split>.csv`` with ``common_features_<split>.csv`` (the Tianchi
-  names; compressed variants such as ``.csv.gz`` too), in ``--input`` or in ``--input/<split>/``
-  (the NVIDIA Merlin layout); or ``--input`` is one skeleton file and its common-features file
-  is the sibling whose name has ``common_features`` in place of ``sample_skeleton``.
-* other formats: every file in ``--input`` whose name contains ``train``, ``test``, or
+  names; compressed as ``.csv.gz``, ``.csv.bz2``, ``.csv.zst`` or ``.csv.lz4`` too), in ``--input``
+  or in ``--input/<split>/`` (the NVIDIA Merlin layout); or ``--input`` is one skeleton file and
+  its common-features file is the sibling whose name has ``common_features`` in place of
+  ``sample_skeleton``.
+* other formats: every data file in ``--input`` whose name contains ``train``, ``test``, or
   ``val``/``valid``/``validation``/``dev`` as a word (e.g. ``train.csv``, ``train_small.txt``,
-  ``ali_ccp_val_sample.csv``, ``ctr_cvr.dev``), else every file in ``--input/<split>/``; or
-  ``--input`` is one file. Several files of one split are read in name order.
+  ``ali_ccp_val_sample.csv``, ``ctr_cvr.dev``), else every data file in ``--input/<split>/``; or
+  ``--input`` is one file. A data file ends in ``.csv`` or ``.txt`` or in a split name (AITM's
+  ``ctr_cvr.train``), optionally followed by a compression suffix (``.gz``, ``.bz2``, ``.zst``,
+  ``.lz4``); other files (``train.csv.bak``, ``train.parquet``) are listed as ignored. Several
+  files of one split are read in name order.
 
 ``--split NAME`` restricts a directory to that split, and names the split of a single file
 whose name does not say it.
@@ -25,6 +29,8 @@ _SPLIT_ALIASES = {"train": "train", "test": "test", "valid": "valid", "val": "va
                   "dev": "valid"}
 _VALID_WORD = re.compile(r"(?<![a-z])(val|valid|validation|dev)(?![a-z])")
 _RAW_SPLITS = ("train", "valid", "test")
+DATA_SUFFIXES = (".csv", ".txt")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 
 @dataclass
@@ -34,6 +40,25 @@ class SourceFile:
     path: str
     split: str
     common_path: Optional[str] = None
+
+
+@dataclass
+class Sources:
+    """The input files per split (in SPLIT_ORDER) and the files passed over (paths)."""
+
+    files: Dict[str, List[SourceFile]]
+    ignored: List[str]
+
+
+def is_data_file_name(file_name: str) -> bool:
+    """``.csv``/``.txt``/``.<split name>``, optionally compressed (see the module docstring)."""
+    name = file_name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    suffix = Path(name).suffix
+    return suffix in DATA_SUFFIXES or suffix[1:] in _SPLIT_ALIASES
 
 
 def normalize_split(name: str) -> str:
@@ -55,21 +80,24 @@ def split_of_name(file_name: str) -> Optional[str]:
     return found.pop() if found else None
 
 
-def discover_sources(fmt: str, input_path: str, split: Optional[str]) -> Dict[str, List[SourceFile]]:
+def discover_sources(fmt: str, input_path: str, split: Optional[str]) -> Sources:
     """Input files per split (in SPLIT_ORDER), for format ``fmt``."""
     root = Path(input_path)
     wanted = normalize_split(split) if split else None
     if not root.exists():
         raise FileNotFoundError(f"--input {input_path}: no such file or directory")
+    ignored: List[str] = []
     if root.is_file():
         found = _single_file(fmt, root, wanted)
     elif fmt == "aliccp-raw":
-        found = _raw_directory(root, wanted)
+        found = _raw_directory(root, wanted, ignored)
     else:
-        found = _directory(root, wanted)
+        found = _directory(root, wanted, ignored)
     if not found:
-        raise FileNotFoundError(f"--input {input_path}: no input files found for format {fmt} ({_expected(fmt)})")
-    return {s: found[s] for s in SPLIT_ORDER if s in found}
+        passed = f"; ignored {', '.join(ignored)}" if ignored else ""
+        raise FileNotFoundError(f"--input {input_path}: no input files found for format {fmt} "
+                                f"({_expected(fmt)}){passed}")
+    return Sources({s: found[s] for s in SPLIT_ORDER if s in found}, ignored)
 
 
 def _expected(fmt: str) -> str:
@@ -93,13 +121,16 @@ def _single_file(fmt: str, path: Path, wanted: Optional[str]) -> Dict[str, List[
     return {split: [SourceFile(str(path), split, common)]}
 
 
-def _raw_directory(root: Path, wanted: Optional[str]) -> Dict[str, List[SourceFile]]:
+def _raw_directory(root: Path, wanted: Optional[str], ignored: List[str]) -> Dict[str, List[SourceFile]]:
     found: Dict[str, List[SourceFile]] = {}
     for split in _RAW_SPLITS:
         if wanted and split != wanted:
             continue
+        names = {f"sample_skeleton_{split}.csv" + z for z in ("",) + COMPRESSION_SUFFIXES}
         for folder in (root, root / split):
-            skeletons = sorted(folder.glob(f"sample_skeleton_{split}.csv*")) if folder.is_dir() else []
+            candidates = sorted(folder.glob(f"sample_skeleton_{split}*")) if folder.is_dir() else []
+            skeletons = [p for p in candidates if p.name in names]
+            ignored.extend(str(p) for p in candidates if p.name not in names)
             if not skeletons:
                 continue
             if len(skeletons) > 1:
@@ -114,19 +145,27 @@ def _raw_directory(root: Path, wanted: Optional[str]) -> Dict[str, List[SourceFi
     return found
 
 
-def _directory(root: Path, wanted: Optional[str]) -> Dict[str, List[SourceFile]]:
+def _directory(root: Path, wanted: Optional[str], ignored: List[str]) -> Dict[str, List[SourceFile]]:
     found: Dict[str, List[SourceFile]] = {}
+    passed: List[str] = []
     for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith((".", "_"))):
         split = split_of_name(path.name)
         if split and (wanted is None or split == wanted):
-            found.setdefault(split, []).append(SourceFile(str(path), split))
+            if is_data_file_name(path.name):
+                found.setdefault(split, []).append(SourceFile(str(path), split))
+            else:
+                passed.append(str(path))
     if found:
+        ignored.extend(passed)
         return found
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         split = _SPLIT_ALIASES.get(folder.name.lower())
         if split is None or (wanted and split != wanted):
             continue
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
-        if files:
-            found.setdefault(split, []).extend(SourceFile(str(p), split) for p in files)
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_"))):
+            if is_data_file_name(path.name):
+                found.setdefault(split, []).append(SourceFile(str(path), split))
+            else:
+                passed.append(str(path))
+    ignored.extend(passed)
     return found

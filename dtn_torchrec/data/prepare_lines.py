@@ -31,6 +31,12 @@ UNKNOWN_FIELD = "unknown_field"
 MISSING_COMMON_KEY = "missing_common_key"
 DUPLICATE_COMMON_KEY = "duplicate_common_key"
 BAD_ENCODING = "bad_encoding"
+NEGATIVE_ID = "negative_id"
+# Whole-file problems: never counted, always an error.
+EMPTY_FILE = "empty_file"
+UNREADABLE_FILE = "unreadable_file"
+
+_BOM = b"\xef\xbb\xbf"
 
 _INT_PATTERN = r"^-?[0-9]+$"
 _FLOAT_PATTERN = r"(?i)^[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?|nan|inf|infinity)$"
@@ -72,23 +78,36 @@ class LineBlock:
         lines: ``[n]`` strings without the line break (nor a trailing ``\\r``).
         line_numbers: int64 ``[n]``, the 1-based line number of each entry of ``lines``.
         nbytes: bytes of the file this block covers (for progress).
+        not_utf8: ``(line number, detail)`` of the lines left out of ``lines`` because they
+            are not UTF-8 text.
+        unterminated: the last entry of ``lines`` is the file's last line and has no line
+            break (the file may have been cut short).
     """
 
     path: str
     lines: pa.Array
     line_numbers: np.ndarray
     nbytes: int
+    not_utf8: List[Tuple[int, str]] = field(default_factory=list)
+    unterminated: bool = False
 
     def __len__(self) -> int:
         return len(self.lines)
 
+    @property
+    def num_lines(self) -> int:
+        """Non-blank lines of the block, including the ones that are not UTF-8."""
+        return len(self.lines) + len(self.not_utf8)
+
 
 @dataclass
 class BadLineLog:
-    """Lines skipped under ``--skip-bad``: counts per reason and the first few messages."""
+    """Lines skipped under ``--skip-bad``: counts per reason and the first few messages; and
+    the files whose last line had no line break (kept, since it parsed completely)."""
 
     counts: Dict[str, int] = field(default_factory=dict)
     examples: List[str] = field(default_factory=list)
+    unterminated: List[str] = field(default_factory=list)
 
     def add(self, reason: str, count: int, example: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + count
@@ -99,15 +118,46 @@ class BadLineLog:
         for reason, count in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + count
         self.examples.extend(other.examples[: max(0, _MAX_EXAMPLES - len(self.examples))])
+        self.unterminated.extend(other.unterminated)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
 
+class _Reader:
+    """``pa.input_stream`` whose read errors (a corrupt or cut gzip, ...) name the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.stream = pa.input_stream(path, compression="detect")
+        except (OSError, pa.ArrowException) as e:
+            raise PrepareError(path, None, "file", UNREADABLE_FILE, f"cannot open: {e}") from None
+        self.started = False
+
+    def read(self, nbytes: int) -> bytes:
+        try:
+            data = self.stream.read(nbytes)
+        except (OSError, pa.ArrowException) as e:
+            raise PrepareError(self.path, None, "file", UNREADABLE_FILE, f"cannot read: {e}") from None
+        if not self.started:  # a UTF-8 byte order mark is not part of the first line
+            self.started = True
+            if data.startswith(_BOM):
+                data = data[len(_BOM):]
+        return data
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+
 def read_first_line(path: str) -> str:
-    """The first line of a file (without its line break); '' for an empty file."""
-    with pa.input_stream(path, compression="detect") as f:
+    """The first line of a file (without its line break and byte order mark); '' for an empty
+    file."""
+    with _Reader(path) as f:
         head = b""
         while b"\n" not in head:
             piece = f.read(1 << 16)
@@ -118,19 +168,24 @@ def read_first_line(path: str) -> str:
 
 
 def iter_line_blocks(path: str, block_bytes: int = 8 << 20, skip_lines: int = 0) -> Iterator[LineBlock]:
-    """Reads ``path`` (plain, or compressed with a suffix pyarrow knows: .gz, .bz2, .zst, ...)
-    in blocks of about ``block_bytes`` bytes cut at line breaks; blank lines are skipped."""
+    """Reads ``path`` (plain, or compressed with a suffix pyarrow knows: .gz, .bz2, .zst, .lz4)
+    in blocks of about ``block_bytes`` bytes cut at line breaks; blank lines are skipped.
+
+    Raises ``PrepareError`` when the file has no data line after its ``skip_lines`` header
+    lines, or cannot be read or decompressed.
+    """
     path = os.fspath(path)
     next_line = 1
     carry = b""
-    with pa.input_stream(path, compression="detect") as f:
+    data_lines = 0
+    with _Reader(path) as f:
         while True:
             data = f.read(block_bytes)
             eof = not data
             data = carry + data
             if eof:
                 if not data:
-                    return
+                    break
                 chunk, carry = data, b""
             else:
                 cut = data.rfind(b"\n")
@@ -142,26 +197,36 @@ def iter_line_blocks(path: str, block_bytes: int = 8 << 20, skip_lines: int = 0)
             next_line += chunk.count(b"\n") + 1
             if skip_lines:
                 drop = int(np.searchsorted(block.line_numbers, skip_lines + 1))
-                block = LineBlock(path, block.lines[drop:], block.line_numbers[drop:], block.nbytes)
-            if len(block):
+                block = LineBlock(path, block.lines[drop:], block.line_numbers[drop:], block.nbytes,
+                                  [bad for bad in block.not_utf8 if bad[0] > skip_lines])
+            block.unterminated = eof and len(block) > 0 and int(block.line_numbers[-1]) == next_line - 1
+            data_lines += block.num_lines
+            if block.num_lines:
                 yield block
             if eof:
-                return
+                break
+    if data_lines == 0:
+        what = "only a header line" if skip_lines else "no data lines (empty file)"
+        raise PrepareError(path, None, "file", EMPTY_FILE, f"{what}; an input file must hold rows")
 
 
 def _lines_of(path: str, chunk: bytes, first_line: int, nbytes: int) -> LineBlock:
     offsets = pa.py_buffer(np.array([0, len(chunk)], dtype=np.int64).tobytes())
     whole = pa.LargeStringArray.from_buffers(1, offsets, pa.py_buffer(chunk))
+    not_utf8: List[Tuple[int, str]] = []
     try:
         whole.validate(full=True)
+        lines = pc.split_pattern(whole, "\n").flatten()
     except pa.ArrowInvalid:
+        # Rare: decode line by line and set the lines that are not UTF-8 aside.
+        texts = []
         for i, raw in enumerate(chunk.split(b"\n")):
             try:
-                raw.decode("utf-8")
+                texts.append(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise PrepareError(path, first_line + i, "line", BAD_ENCODING, f"not UTF-8 text: {e}") from None
-        raise
-    lines = pc.split_pattern(whole, "\n").flatten()
+                texts.append("")
+                not_utf8.append((first_line + i, f"not UTF-8 text: {e}"))
+        lines = pa.array(texts, pa.large_string())
     if b"\r" in chunk:
         lines = pc.utf8_rtrim(lines, characters="\r")
     line_numbers = first_line + np.arange(len(lines), dtype=np.int64)
@@ -170,7 +235,7 @@ def _lines_of(path: str, chunk: bytes, first_line: int, nbytes: int) -> LineBloc
         keep = pc.invert(blank)
         lines = lines.filter(keep)
         line_numbers = line_numbers[keep.to_numpy(zero_copy_only=False)]
-    return LineBlock(path, lines, line_numbers, nbytes)
+    return LineBlock(path, lines, line_numbers, nbytes, not_utf8)
 
 
 def parse_block(block: LineBlock, parse: Callable[[pa.Array, np.ndarray], T], skip_bad: bool,
@@ -178,15 +243,28 @@ def parse_block(block: LineBlock, parse: Callable[[pa.Array, np.ndarray], T], sk
     """Runs ``parse(lines, line_numbers)`` on a block, dropping rejected lines until it succeeds.
 
     Returns None when every line of the block was bad (``skip_bad``). Without ``skip_bad`` the
-    first rejected line becomes a ``PrepareError``.
+    first rejected line becomes a ``PrepareError``. A file's last line without a line break is
+    kept when it parses, and noted in ``log.unterminated``; when it does not, the error says
+    that the file looks cut short.
     """
+    if block.not_utf8:
+        line, detail = block.not_utf8[0]
+        error = PrepareError(block.path, line, "line", BAD_ENCODING, detail)
+        if not skip_bad:
+            raise error
+        log.add(BAD_ENCODING, len(block.not_utf8), str(error))
     lines, line_numbers = block.lines, block.line_numbers
+    last = len(lines) - 1 if block.unterminated else -1
     while len(lines):
         try:
-            return parse(lines, line_numbers)
+            parsed = parse(lines, line_numbers)
         except BlockRejection as rejection:
             first = int(rejection.rows[0])
             field_name, detail = rejection.describe(first)
+            if first == last:
+                detail += "; it is the last line and has no line break: the file looks cut short"
+            # Rejected rows are sorted, and ``last`` is the block's final row.
+            last = -1 if rejection.rows[-1] == last else last - len(rejection.rows)
             error = PrepareError(block.path, int(line_numbers[first]), field_name, rejection.reason, detail)
             if not skip_bad:
                 raise error from None
@@ -195,6 +273,10 @@ def parse_block(block: LineBlock, parse: Callable[[pa.Array, np.ndarray], T], sk
             keep[rejection.rows] = False
             lines = lines.filter(pa.array(keep))
             line_numbers = line_numbers[keep]
+            continue
+        if last >= 0:
+            log.unterminated.append(f"{block.path}, line {int(line_numbers[-1])}")
+        return parsed
     return None
 
 

@@ -47,9 +47,11 @@ class Ragged:
     def with_ids(self, ids: np.ndarray) -> "Ragged":
         return Ragged(self.offsets, ids, self.weights)
 
-    def drop_missing(self) -> "Ragged":
-        """Removes raw id 0 (missing) from every list, with its weight."""
-        keep = self.ids != 0
+    def drop_missing(self, missing_id: Optional[int]) -> "Ragged":
+        """Removes the raw id ``missing_id`` from every list, with its weight (None: keeps all)."""
+        if missing_id is None:
+            return self
+        keep = self.ids != missing_id
         if keep.all():
             return self
         rows = np.repeat(np.arange(self.num_rows), self.lengths)
@@ -110,16 +112,16 @@ def concat_blocks(parts: Sequence[Ragged]) -> Ragged:
 
 
 def group_by_field(row_of: np.ndarray, field_of: np.ndarray, ids: np.ndarray, weights: Optional[np.ndarray],
-                   num_rows: int, num_fields: int) -> List[Ragged]:
+                   num_rows: int, num_fields: int, missing_id: Optional[int]) -> List[Ragged]:
     """Splits flat features into one Ragged per field, keeping source order within each list.
 
     Args:
         row_of: int64 ``[m]`` row of each feature, non-decreasing.
         field_of: int64 ``[m]`` field index of each feature.
-        ids: int64 ``[m]`` raw ids; id 0 (missing) is dropped.
+        ids: int64 ``[m]`` raw ids; ``missing_id`` (None: none) is dropped.
         weights: float32 ``[m]`` or None.
     """
-    keep = ids != 0
+    keep = ids != missing_id if missing_id is not None else np.ones(len(ids), dtype=bool)
     if not keep.all():
         row_of, field_of, ids = row_of[keep], field_of[keep], ids[keep]
         weights = None if weights is None else weights[keep]
