@@ -257,7 +257,7 @@ def test_raw_layouts_single_file_gzip_and_cli(raw_dir: Path, tmp_path: Path, cap
     saved = json.loads((out / "schema.json").read_text())
     assert saved["splits"]["train"]["rows"] == 3 and saved["splits"]["train"]["dropped"] == {"click0_conversion1": 1}
     assert saved["min_count"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["schema.json", "test", "train", "vocab"]
+    assert sorted(p.name for p in out.iterdir()) == [".dtn-output.json", "schema.json", "test", "train", "vocab"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 

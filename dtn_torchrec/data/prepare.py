@@ -25,8 +25,8 @@ left with 0 rows is an error.
 The dataset is written to a hidden temporary directory ``.<name>.tmp-<pid>-<hex>`` next to
 ``output`` (mode from the umask) and renamed at the end: a failed or interrupted run leaves
 nothing at ``output``, and the next run removes the temporary directories of runs whose process
-is gone. ``overwrite`` replaces only a dataset (a directory with a ``schema.json``), never a
-directory holding the input.
+is gone. ``overwrite`` replaces only a dataset dtn-prepare wrote (its output marker, see
+``atomic_files``), never a directory holding the input or the ``vocab_from`` dataset.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from dtn_torchrec.atomic_files import claim_output_dir, publish_output_dir
 from dtn_torchrec.data.formats import CommonTable, InputFormat, ParsedRows, make_format, resolve_missing_id
 from dtn_torchrec.data.idmap import (
     DEFAULT_HASH_SIZE,
@@ -62,13 +63,13 @@ from dtn_torchrec.data.prepare_lines import BadLineLog
 from dtn_torchrec.data.prepare_ragged import Ragged
 from dtn_torchrec.data.schema import (
     SAMPLE_ID_COLUMN,
-    SCHEMA_FILE,
     FieldSpec,
     SchemaSpec,
     SplitSpec,
     weight_column_name,
 )
 
+PREPARE_TOOL = "dtn-prepare"
 INVALID_LABEL_PAIR = "click0_conversion1"
 ID_MAPPINGS = ("vocab", "hash")
 DEFAULT_VALID_FRACTION = 0.1
@@ -158,55 +159,36 @@ def prepare_dataset(fmt: str, input_path: str | os.PathLike, output: str | os.Pa
     sources = discover_sources(fmt, os.fspath(input_path), options.split)
     parser = make_format(fmt, [s for files in sources.files.values() for s in files], options.fields,
                          options.labels, options.weight_prefix, options.block_bytes, options.missing_id)
-    out = Path(output)
-    _check_output(out, Path(input_path), options.overwrite)
+    protected = [input_path] + ([options.vocab_from] if options.vocab_from else [])
+    out = claim_output_dir(output, tool=PREPARE_TOOL, overwrite=options.overwrite, protected=protected)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
-    tmp = _make_temporary(out, "tmp")
+    tmp = _make_temporary(out)
     try:
         schema = _Preparation(fmt, os.fspath(input_path), parser, sources, options, tmp).run()
-        _publish(tmp, out)
+        publish_output_dir(tmp, out, tool=PREPARE_TOOL, overwrite=options.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return schema
 
 
-def _check_output(out: Path, input_path: Path, overwrite: bool) -> None:
-    """Refuses an ``out`` that is a file, holds the input, or (without ``overwrite``) is a
-    non-empty directory; with ``overwrite`` only a dataset (it has ``schema.json``) is replaced."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--output {out} is a file, not a directory")
-    if out.resolve() == input_path.resolve() or out.resolve() in input_path.resolve().parents:
-        raise FileExistsError(f"--output {out} holds the input {input_path}; choose another directory")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
-    if not (out / SCHEMA_FILE).is_file():
-        raise FileExistsError(f"--output {out} is not a dataset written by dtn-prepare (no {SCHEMA_FILE}); "
-                              f"--overwrite replaces only such a dataset")
-    SchemaSpec.load(out)  # a malformed schema.json is no proof either
-
-
-def _temporary_pattern(out: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]{{8}}$")
-
-
-def _make_temporary(out: Path, kind: str) -> Path:
-    """A new hidden directory next to ``out`` named ``.<name>.<kind>-<pid>-<8 hex>``; created
-    with ``os.mkdir`` so that its mode follows the umask (the published dataset keeps it)."""
-    path = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+def _make_temporary(out: Path) -> Path:
+    """A new hidden directory next to ``out`` named ``.<name>.tmp-<pid>-<8 hex>``; created with
+    ``os.mkdir`` so that its mode follows the umask (the published dataset keeps it)."""
+    path = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(path)
     return path
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Removes the temporary directories of earlier runs for ``out`` whose process is gone."""
-    pattern = _temporary_pattern(out)
+    """Removes the directories of earlier runs for ``out`` whose process is gone: this module's
+    ``.<name>.tmp-<pid>-<hex>`` and ``publish_output_dir``'s ``.<name>.old-<pid>``."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp-(\d+)-[0-9a-f]{{8}}|old-(\d+))$")
     for path in out.parent.iterdir():
         match = pattern.match(path.name)
-        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
+        if (match and path.is_dir() and not path.is_symlink()
+                and not _process_alive(int(match.group(1) or match.group(2)))):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -220,18 +202,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        old = _make_temporary(out, "old")
-        os.rename(out, old / out.name)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
 
 
 @dataclass
