@@ -51,11 +51,13 @@ from dtn_torchrec.data.prepare_lines import (
     BAD_SEPARATOR,
     BAD_VALUE,
     DUPLICATE_COMMON_KEY,
+    EMPTY_FILE,
     MISSING_COMMON_KEY,
     NEGATIVE_ID,
     UNKNOWN_FIELD,
     WRONG_COLUMN_COUNT,
     BadLineLog,
+    PrepareError,
     iter_line_blocks,
     parse_block,
     read_first_line,
@@ -475,6 +477,9 @@ class CsvFormat(InputFormat):
         super().__init__(block_bytes, missing_id)
         reference = next((s for s in sources if s.split == "train"), sources[0])
         first = read_first_line(reference.path)
+        if not first.strip():
+            raise PrepareError(reference.path, None, "file", EMPTY_FILE, "no header line (an empty file?); the first "
+                               f"{reference.split} file of --format csv must name its columns")
         if _all_numbers(first):
             raise ValueError(f"{reference.path}: line 1 is not a header (all numbers); the first "
                              f"{reference.split} file of --format csv must name its columns")
