@@ -165,7 +165,7 @@ def test_checkpoint_reshards_across_world_sizes(
         _assert_same(result["reloaded_next_logits"], result["next_logits"])
         assert result["lr_after_load"] == pytest.approx(result["lr_expected"])
         assert result["restored_rng_matches"]
-        assert {f"extra_rank{r}.pt" for r in range(save_ranks)} <= set(result["files"])
+        assert {f"extra_rank{r}.json" for r in range(save_ranks)} <= set(result["files"])
         assert ".metadata" in result["files"] and "meta.json" in result["files"]
     assert [r["restored_reader"]["position"] for r in saved] == [10 + r for r in range(save_ranks)]
     # The step before saving really changed the model, so equal logits below are not trivial.
@@ -274,7 +274,7 @@ def _complete(directory: Path, step: int, world_size: int = 2) -> None:
     path = directory / f"step_{step}"
     path.mkdir(parents=True)
     (path / "meta.json").write_text(
-        json.dumps({"step": step, "world_size": world_size, "format": 1})
+        json.dumps({"step": step, "world_size": world_size, "format": 2, "files": {}})
     )
 
 

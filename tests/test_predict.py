@@ -187,12 +187,12 @@ def test_corrupt_inputs_fail_clearly_and_write_nothing(setup, one_rank, tmp_path
     step = run / "checkpoints" / "step_7"
     (distcp,) = step.glob("*.distcp")
     distcp.write_bytes(distcp.read_bytes()[:100])
-    with pytest.raises(ValueError, match=f"checkpoint {step}: cannot read its data"):
+    with pytest.raises(ValueError, match=f"{distcp}: 100 bytes, [0-9]+ when it was written"):
         predict(cfg, run, setup["data"], out, one_rank)
     _no_output(out)
     (step / ".metadata").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match=r"\.metadata: unreadable checkpoint metadata"):
-        predict(cfg, run, setup["data"], out, one_rank)
+    with pytest.raises(ValueError, match=f"{step / '.metadata'}: 12 bytes"):
+        predict(cfg, step, setup["data"], out, one_rank)
     _no_output(out)
 
 

@@ -5,8 +5,8 @@ Layout of ``<directory>``::
     step_<n>/                 one complete checkpoint (only ever created by a rename)
         .metadata             DCP metadata (global tensor layout)
         __<rank>_0.distcp     DCP data written by each rank (its shards, replicated tensors once)
-        extra_rank<r>.pt      rank r's non-tensor state (``extra``) and LR-scheduler state
-        meta.json             {"step", "world_size", "format"}, written last, by rank 0
+        extra_rank<r>.json    rank r's non-tensor state (``extra``) and LR-scheduler state
+        meta.json             {"step", "world_size", "format", "files"}, written last, by rank 0
     step_<n>.tmp/             a save in progress, or one a crash interrupted: never loaded
     latest                    the step of the newest complete checkpoint, written after the rename
 
@@ -28,11 +28,16 @@ size, every rank gets rank 0's ``extra`` *without* the keys named in ``rank_loca
 reader position in a rank-sharded stream or a per-rank RNG state means nothing to a different
 rank layout); the trainer re-derives those (e.g. restarts the epoch, seeds from seed + rank).
 The LR-scheduler state is global and always restored.
+
+Loading runs no code from the checkpoint (see ``checkpoint_files``): ``meta.json`` lists every
+file with its size (and SHA-256 for the small ones), checked before DCP opens anything; the DCP
+metadata pickle is read by an allow-listed unpickler; the rest is tensors (``weights_only``) and
+JSON. A checkpoint that fails the check is skipped by :meth:`CheckpointManager.latest_step` for
+the newest intact one, with a warning naming the damaged file.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -51,16 +56,26 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchrec.optim.keyed import KeyedOptimizer
 
+from dtn_torchrec.distributed.checkpoint_files import (
+    CheckpointReader,
+    CorruptCheckpointError,
+    WeightsOnlyLoadPlanner,
+    dumps_state,
+    file_manifest,
+    loads_state,
+    verify_files,
+)
+
 logger: logging.Logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _extra_file(rank: int) -> str:
-    return f"extra_rank{rank}.pt"
+    return f"extra_rank{rank}.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -157,14 +172,45 @@ class CheckpointManager:
 
     def latest_step(self) -> Optional[int]:
         """Step named by ``latest`` if that checkpoint is complete, else the newest complete one
-        (a crash between the rename and the marker update), else None."""
+        (a crash between the rename and the marker update), else None; a damaged one (see
+        :meth:`verify`) is skipped for the next older intact one, with a warning naming it.
+
+        Raises:
+            CorruptCheckpointError: complete checkpoints exist, none of them intact (names the
+                damaged file of the newest).
+        """
+        candidates = self.complete_steps()[::-1]
         marker = self.directory / LATEST_FILE
         if marker.is_file():
             text = marker.read_text().strip()
-            if text.isdigit() and (self.step_path(int(text)) / META_FILE).is_file():
-                return int(text)
-        steps = self.complete_steps()
-        return steps[-1] if steps else None
+            if text.isdigit() and int(text) in candidates:
+                candidates.remove(int(text))
+                candidates.insert(0, int(text))
+        damaged: List[CorruptCheckpointError] = []
+        for step in candidates:
+            try:
+                self.verify(step)
+            except CorruptCheckpointError as e:
+                damaged.append(e)
+                continue
+            for error in damaged:
+                logger.warning("skipping a damaged checkpoint, using step %d: %s", step, error)
+            return step
+        if damaged:
+            raise CorruptCheckpointError(f"no intact checkpoint in {self.directory}: {damaged[0]}")
+        return None
+
+    def verify(self, step: int) -> Dict[str, Any]:
+        """Checks checkpoint ``step``'s files against its ``meta.json``; returns the meta.
+
+        Raises:
+            FileNotFoundError: not a complete checkpoint.
+            CorruptCheckpointError: naming the missing, truncated or altered file.
+        """
+        path = self.step_path(step)
+        meta = self._read_meta(path)
+        verify_files(path, meta["files"])
+        return meta
 
     def saved_world_size(self, step: int) -> int:
         """World size that wrote checkpoint ``step``."""
@@ -231,9 +277,7 @@ class CheckpointManager:
                 "extra": dict(extra or {}),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
             }
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            _write_file_atomic(tmp / _extra_file(rank), buffer.getvalue())
+            _write_file_atomic(tmp / _extra_file(rank), dumps_state(payload))
         # DCP reports a failure on any rank as CheckpointException, a BaseException.
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - re-raised below
             error = exc
@@ -259,7 +303,12 @@ class CheckpointManager:
     def _commit(
         self, step: int, world_size: int, tmp: Path, final: Path, protected: Collection[int]
     ) -> None:
-        meta = {"step": step, "world_size": world_size, "format": FORMAT_VERSION}
+        meta = {
+            "step": step,
+            "world_size": world_size,
+            "format": FORMAT_VERSION,
+            "files": file_manifest(tmp, skip=META_FILE),
+        }
         _write_file_atomic(tmp / META_FILE, json.dumps(meta).encode())
         if final.exists():
             # Saving a step again (e.g. after resuming at it): the new one replaces it.
@@ -279,11 +328,17 @@ class CheckpointManager:
         meta_path = path / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(
-                f"{meta_path}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{meta_path}: unreadable ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise CorruptCheckpointError(
+                f"{meta_path}: checkpoint format {found!r}, expected {FORMAT_VERSION}"
             )
+        if not isinstance(meta.get("files"), dict) or not isinstance(meta.get("world_size"), int):
+            raise CorruptCheckpointError(f"{meta_path}: no file list or world size")
         return meta
 
     def load(
@@ -309,7 +364,7 @@ class CheckpointManager:
             if step is None:
                 raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         path = self.step_path(step)
-        meta = self._read_meta(path)
+        meta = self.verify(step)
         rank, world_size = self._rank_and_size()
 
         state: Dict[str, Any] = {"model": model.state_dict()}
@@ -317,7 +372,19 @@ class CheckpointManager:
         if optimizer is not None:
             optimizer_state = optimizer.state_dict()
             state["optim"] = _with_nonempty_state(optimizer_state)
-        dcp.load(state, checkpoint_id=path, process_group=self._pg)
+        try:
+            dcp.load(
+                state,
+                storage_reader=CheckpointReader(path),
+                planner=WeightsOnlyLoadPlanner(),
+                process_group=self._pg,
+            )
+        # DCP reports a failure on any rank as CheckpointException, a BaseException.
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path
+            raise CorruptCheckpointError(
+                f"{path}: cannot load the checkpoint's tensors ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]})"
+            ) from e
         model.load_state_dict(state["model"])
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -325,7 +392,10 @@ class CheckpointManager:
         saved_world_size = int(meta["world_size"])
         same_layout = saved_world_size == world_size
         source_rank = rank if same_layout else 0
-        payload = torch.load(path / _extra_file(source_rank), weights_only=False)
+        extra_path = path / _extra_file(source_rank)
+        payload = loads_state(extra_path.read_bytes(), extra_path)
+        if not isinstance(payload.get("extra"), dict) or "scheduler" not in payload:
+            raise CorruptCheckpointError(f"{extra_path}: no run state (extra, scheduler)")
         extra: Dict[str, Any] = dict(payload["extra"])
         if not same_layout:
             dropped = [key for key in self.rank_local_keys if key in extra]

@@ -27,7 +27,6 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -35,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.checkpoint import META_FILE, CheckpointManager
+from dtn_torchrec.distributed.checkpoint_files import METADATA_FILE, read_metadata_file
 from dtn_torchrec.distributed.parallel import shard_model
 from dtn_torchrec.distributed.planning import plan_model
 from dtn_torchrec.distributed.topology import topology_from_env
@@ -187,15 +187,11 @@ def saved_model_shapes(ref: CheckpointRef) -> Dict[str, Tuple[int, ...]]:
     """Global shape of every model tensor in checkpoint ``ref``, keyed like the model's state.
 
     Raises:
-        ValueError: the DCP metadata file is missing or unreadable.
+        CorruptCheckpointError: a checkpoint file is missing, truncated, altered or unreadable
+            (named; checked against ``meta.json`` before the metadata is read).
     """
-    try:
-        metadata = FileSystemReader(os.fspath(ref.path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt file
-        raise ValueError(
-            f"{ref.path / '.metadata'}: unreadable checkpoint metadata ({type(e).__name__}: "
-            f"{_one_line(str(e), 200)})"
-        ) from e
+    CheckpointManager(ref.root).verify(ref.step)
+    metadata = read_metadata_file(ref.path / METADATA_FILE)
     return {
         key[len(_MODEL_STATE_PREFIX) :]: tuple(md.size)
         for key, md in metadata.state_dict_metadata.items()
