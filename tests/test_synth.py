@@ -262,3 +262,61 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert synth_main(["--output", str(tmp_path / "bad2"), "--train-rows", "10", "--test-rows", "10",
                        "--click-cross", "121,210"]) == 1
     assert "'210' is not one of the single-valued" in capsys.readouterr().err
+
+
+# --- random structures ---------------------------------------------------------------------------
+
+
+def test_random_structures_are_chosen_by_seed() -> None:
+    from dtn_torchrec.data.synth_structure import ITEM_SIDE, USER_SIDE, random_crosses
+
+    structures = [random_crosses(seed) for seed in range(12)]
+    assert random_crosses(3) == structures[3]  # a pure function of the seed
+    assert len({tuple(c.fields for t in s for c in t) for s in structures}) == 12
+    shared_count = 0
+    for click, conversion in structures:
+        for crosses in (click, conversion):
+            assert 1 <= len(crosses) <= 3
+            assert all(c.fields[0] in USER_SIDE and c.fields[1] in ITEM_SIDE and 1 <= c.rank <= 4 for c in crosses)
+        shared = set(click) & set(conversion)
+        assert len(shared) <= 1
+        shared_count += len(shared)
+        own = [c.fields for c in click + conversion if c not in shared]
+        assert len(own) == len(set(own))  # no field pair planted twice
+        assert {c.key for c in click if c not in shared}.isdisjoint({c.key for c in conversion})
+    assert 0 < shared_count < 12  # some structures share a cross, some do not
+
+
+def test_random_structure_truth_and_exact_oracle(tmp_path: Path) -> None:
+    rows = dict(train_rows=3000, test_rows=0, seed=2, id_scale=0.01, history_scale=0.02, rows_per_user=10.0)
+    config = SynthConfig(**rows, structure="random", structure_seed=1)
+    truth = generate(config, tmp_path)
+    click, conversion = config.crosses()
+    assert set(click) & set(conversion)  # structure seed 1 shares one cross
+    structure = truth["structure"]
+    assert structure["kind"] == "random" and structure["seed"] == 1
+    for task, crosses in (("click", click), ("conversion", conversion)):
+        assert structure[task] == [{"fields": list(c.fields), "rank": c.rank, "std": c.std,
+                                    "shared": c in conversion and c in click} for c in crosses]
+        shared_var = sum(c.std ** 2 for c in crosses if c in click and c in conversion)
+        assert structure["shared_variance_fraction"][task] == pytest.approx(
+            shared_var / sum(c.std ** 2 for c in crosses))
+    assert truth["planted_crosses"] == {"click": list(click[0].fields), "conversion": list(conversion[0].fields)}
+    skeleton = read_skeleton(tmp_path / "sample_skeleton_train.csv")
+    t = pq.read_table(tmp_path / "truth_train.parquet").to_pydict()
+    labels = {task: np.array([r[task] for r in skeleton]) for task in ("click", "conversion")}
+    for task, p in (("click", np.array(t["p_click"])), ("conversion", np.array(t["p_conversion"]))):
+        assert truth["oracle_auc"]["train"][task] == pytest.approx(_mann_whitney_auc(p, labels[task]), abs=1e-12)
+        assert truth["oracle_auc"]["train"][task] - truth["no_cross_auc"]["train"][task] > 0.03
+
+
+def test_cli_random_structure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["--train-rows", "200", "--test-rows", "50", "--id-scale", "0.01", "--history-scale", "0.02"]
+    assert synth_main(["--output", str(tmp_path / "r"), *base, "--structure", "random", "--structure-seed", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["structure"] == json.loads((tmp_path / "r" / "truth.json").read_text())["structure"]
+    assert printed["structure"]["kind"] == "random" and printed["structure"]["seed"] == 4
+    assert synth_main(["--output", str(tmp_path / "bad"), *base, "--structure", "random",
+                       "--click-cross", "122,206"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "click_cross apply to the planted structure only" in err

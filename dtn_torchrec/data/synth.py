@@ -13,8 +13,11 @@ Output (``DIR``):
   (``truth["oracle_auc"][split]["click" | "conversion"]``, over valid rows).
 
 The planted model (``SynthWorld.task_logit``): for each task a logit made of per-id main effects,
-field-presence effects and a rank-k latent dot product between two single-valued fields, which
-differ between click and conversion. ``click ~ Bernoulli(sigmoid(b_c + logit_c))``,
+field-presence effects and rank-k latent dot products between pairs of single-valued fields (the
+crosses). ``structure="planted"`` (default): one cross per task, different between click and
+conversion (``click_cross``, ``conversion_cross``); ``structure="random"``: crosses, ranks,
+strengths and a possibly shared cross drawn from ``structure_seed`` (``synth_structure``).
+``truth.json["structure"]`` records them. ``click ~ Bernoulli(sigmoid(b_c + logit_c))``,
 ``conversion = click AND Bernoulli(sigmoid(b_v + logit_v))``. Logits are quantised to the grid of
 ``synth_auc`` so the oracle AUC is exact. Generation runs session chunk by session chunk with a
 fresh generator per (seed, split, chunk): constant memory, byte-identical output per seed.
@@ -36,6 +39,7 @@ from dtn_torchrec.data.synth_auc import BinnedAUC, grid_probabilities, quantize_
 from dtn_torchrec.data.synth_text import (
     MAX_FEATURE_COUNT, count_values, decimal, feature_tokens, join_lines,
 )
+from dtn_torchrec.data.synth_structure import STRUCTURES, describe, planted_crosses, random_crosses
 from dtn_torchrec.data.synth_world import (
     ALICCP_FIELD_ID_RANGES, HISTORY_FIELDS, ITEM_ATTRIBUTE_FIELDS, SINGLE_VALUED_FIELDS,
     USER_PROFILE_FIELDS, SynthWorld, TaskSignal,
@@ -78,6 +82,10 @@ class SynthConfig:
         invalid_rows: (click=0, conversion=1) rows injected per split (excluded from the AUCs).
         click_cross, conversion_cross: the planted field pairs, single-valued fields.
         cross_rank, cross_std: latent dimension and standard deviation of the cross term.
+        structure: ``planted`` (the four fields above) or ``random`` (drawn from
+            ``structure_seed``; the four fields above must keep their defaults).
+        structure_seed: seed of a random structure (independent of ``seed``, which draws ids
+            and labels).
     """
 
     train_rows: int
@@ -93,6 +101,8 @@ class SynthConfig:
     conversion_cross: Tuple[str, str] = ("125", "206")
     cross_rank: int = 4
     cross_std: float = 1.2
+    structure: str = "planted"
+    structure_seed: int = 0
 
     def validate(self) -> None:
         if self.train_rows < 0 or self.test_rows < 0:
@@ -121,12 +131,25 @@ class SynthConfig:
                                      f"fields {list(SINGLE_VALUED_FIELDS)}")
         if set(self.click_cross) == set(self.conversion_cross):
             raise ValueError("click and conversion must plant different crosses")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        defaults = SynthConfig(train_rows=0, test_rows=0)
+        planted = ("click_cross", "conversion_cross", "cross_rank", "cross_std")
+        changed = [k for k in planted if getattr(self, k) != getattr(defaults, k)]
+        if self.structure == "random" and changed:
+            raise ValueError(f"{', '.join(changed)} apply to the planted structure only; a random "
+                             f"structure draws its crosses from structure_seed")
+
+    def crosses(self) -> Tuple[tuple, tuple]:
+        """The crosses of click and of conversion (``synth_structure.CrossSpec`` tuples)."""
+        if self.structure == "random":
+            return random_crosses(self.structure_seed)
+        return planted_crosses(self.click_cross, self.conversion_cross, self.cross_rank, self.cross_std)
 
     def signals(self) -> Tuple[TaskSignal, TaskSignal]:
-        click = TaskSignal("click", tuple(self.click_cross), CLICK_MAIN_STD, CLICK_PRESENCE,
-                           self.cross_rank, self.cross_std)
-        conversion = TaskSignal("conversion", tuple(self.conversion_cross), CONVERSION_MAIN_STD,
-                                CONVERSION_PRESENCE, self.cross_rank, self.cross_std)
+        click_crosses, conversion_crosses = self.crosses()
+        click = TaskSignal("click", click_crosses, CLICK_MAIN_STD, CLICK_PRESENCE)
+        conversion = TaskSignal("conversion", conversion_crosses, CONVERSION_MAIN_STD, CONVERSION_PRESENCE)
         return click, conversion
 
 
@@ -388,18 +411,22 @@ class SyntheticAliCCP:
         def rate(num: int, den: int) -> Optional[float]:
             return num / den if den else None
 
+        structure = describe(cfg.structure, cfg.structure_seed, self.click_signal.crosses,
+                             self.conversion_signal.crosses)
         return {
             "generator": "dtn-synth",
             "seed": cfg.seed,
             "config": asdict(cfg),
-            "planted_crosses": {"click": list(cfg.click_cross), "conversion": list(cfg.conversion_cross)},
+            # Each task's first own cross (the planted structure has exactly one per task).
+            "planted_crosses": {t: list(s.crosses[0].fields)
+                                for t, s in (("click", self.click_signal), ("conversion", self.conversion_signal))},
+            "structure": structure,
             "model": {
-                "click": {"intercept": self.click_intercept, "cross": list(cfg.click_cross),
+                "click": {"intercept": self.click_intercept, "crosses": structure["click"],
                           "main_std": CLICK_MAIN_STD, "presence": CLICK_PRESENCE},
-                "conversion": {"intercept": self.conversion_intercept, "cross": list(cfg.conversion_cross),
+                "conversion": {"intercept": self.conversion_intercept, "crosses": structure["conversion"],
                                "main_std": CONVERSION_MAIN_STD, "presence": CONVERSION_PRESENCE,
                                "given": "click"},
-                "cross_rank": cfg.cross_rank, "cross_std": cfg.cross_std,
                 "formula": "p_click = sigmoid(q(b_c + logit_c)); p_conversion = p_click * "
                            "sigmoid(q(b_v + logit_v)); q = round to 1/32, clip [-10, 10]",
             },

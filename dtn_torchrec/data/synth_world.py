@@ -168,21 +168,34 @@ def build_field_spaces(id_scale: float) -> Dict[str, FieldSpace]:
 
 
 @dataclass(frozen=True)
+class CrossSpec:
+    """One planted cross ``<u(id_a), v(id_b)>`` of two single-valued fields ``(a, b)``: per-id
+    ``rank``-dimensional latent vectors whose dot product has standard deviation ``std``.
+
+    ``key`` selects the latent vectors: a cross that two tasks share has the same key (and
+    fields) in both, so both logits get the same term; a task's own crosses have keys of their
+    own.
+    """
+
+    fields: Tuple[str, str]
+    rank: int
+    std: float
+    key: int
+
+
+@dataclass(frozen=True)
 class TaskSignal:
     """The planted logit of one task (before its intercept).
 
     ``logit = sum_f main_std[f] * g_f(id_f) + sum_f presence[f] * [f present]
-    + <u(id_a), v(id_b)>`` with ``(a, b) = cross``, ``g`` standard normal per id and ``u, v``
-    ``rank``-dimensional per-id latent vectors whose dot product has standard deviation
-    ``cross_std``. A missing field contributes nothing.
+    + sum_c cross_c`` with ``g`` standard normal per id and the crosses ``c`` of ``crosses``
+    (``CrossSpec``). A missing field contributes nothing.
     """
 
     name: str
-    cross: Tuple[str, str]
+    crosses: Tuple[CrossSpec, ...]
     main_std: Mapping[str, float]
     presence: Mapping[str, float]
-    rank: int
-    cross_std: float
 
 
 class SynthWorld:
@@ -236,12 +249,12 @@ class SynthWorld:
     def main_effect(self, task_code: int, field: str, ranks: np.ndarray) -> np.ndarray:
         return hash_gaussian(self._hash(_TAG_MAIN, field, task_code, ranks))
 
-    def latent(self, task_code: int, side: int, field: str, ranks: np.ndarray, rank: int,
+    def latent(self, key: int, side: int, field: str, ranks: np.ndarray, rank: int,
                scale: float) -> np.ndarray:
-        """Latent vectors [n, rank] of the ids of one side of a task's cross."""
+        """Latent vectors [n, rank] of the ids of one side of the cross with latent ``key``."""
         ranks = np.asarray(ranks, dtype=np.int64)[:, None]
         dims = np.arange(rank, dtype=np.int64)[None, :]
-        return scale * hash_gaussian(self._hash(_TAG_LATENT, field, task_code, side, ranks, dims))
+        return scale * hash_gaussian(self._hash(_TAG_LATENT, field, key, side, ranks, dims))
 
     def task_logit(self, task_code: int, signal: TaskSignal, ranks: Mapping[str, np.ndarray],
                    present: Mapping[str, np.ndarray], with_cross: bool = True) -> np.ndarray:
@@ -258,11 +271,11 @@ class SynthWorld:
             logit += np.where(r >= 0, std * self.main_effect(task_code, field, np.maximum(r, 0)), 0.0)
         for field, shift in signal.presence.items():
             logit += shift * present[field]
-        if with_cross:
-            a, b = signal.cross
+        for cross in signal.crosses if with_cross else ():
+            a, b = cross.fields
             ra, rb = ranks[a], ranks[b]
-            scale = (signal.cross_std ** 2 / signal.rank) ** 0.25
-            u = self.latent(task_code, 0, a, np.maximum(ra, 0), signal.rank, scale)
-            v = self.latent(task_code, 1, b, np.maximum(rb, 0), signal.rank, scale)
+            scale = (cross.std ** 2 / cross.rank) ** 0.25
+            u = self.latent(cross.key, 0, a, np.maximum(ra, 0), cross.rank, scale)
+            v = self.latent(cross.key, 1, b, np.maximum(rb, 0), cross.rank, scale)
             logit += np.where((ra >= 0) & (rb >= 0), np.einsum("nk,nk->n", u, v), 0.0)
         return logit
