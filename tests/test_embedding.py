@@ -16,9 +16,9 @@ from dtn_torchrec.models.embedding import EmbeddingConfig, SparseArch
 from dtn_torchrec.models.pair_hash import (
     MEMONET_PAIRS_KEY,
     PairHashConfig,
+    PairHasher,
     field_pairs,
     first_ids,
-    pair_hash_ids,
 )
 
 D = 4
@@ -182,6 +182,13 @@ def _splitmix_py(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
     return x ^ (x >> 31)
+
+
+def pair_hash_ids(
+    features: KeyedJaggedTensor, fields: List[str], num_buckets: int, seeds: List[int]
+) -> KeyedJaggedTensor:
+    config = PairHashConfig(fields=fields, num_hash=len(seeds), num_buckets=num_buckets, seeds=seeds)
+    return PairHasher(config)(features)
 
 
 def reference_pair_id(seed: int, i: int, vi: int, j: int, vj: int, num_buckets: int) -> int:

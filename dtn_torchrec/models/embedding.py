@@ -19,7 +19,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.schema import SchemaSpec
-from dtn_torchrec.models.pair_hash import PairHashConfig, pair_hash_ids
+from dtn_torchrec.models.pair_hash import PairHashConfig, PairHasher
 from dtn_torchrec.models.types import ExpertInputs
 
 _POOLINGS = ("sum", "mean")
@@ -27,10 +27,16 @@ _INPUT_NORMS = ("affine", "none")
 
 
 def list_lengths(features: KeyedJaggedTensor, names: List[str]) -> torch.Tensor:
-    """Number of ids of each named key per row, ``[B, len(names)]`` (any KJT key order)."""
+    """Number of ids of each named key per row, ``[B, len(names)]`` (any KJT key order).
+
+    Keys are selected by Python int (views, then one stack): indexing with a list of positions
+    would build an index tensor from Python data and copy it to the device on every call.
+    """
     keys = features.keys()
     per_key = features.lengths().view(len(keys), -1)
-    return per_key[[keys.index(name) for name in names]].t()
+    if keys[: len(names)] == names:
+        return per_key[: len(names)].t()
+    return torch.stack([per_key[keys.index(name)] for name in names], dim=1)
 
 
 # Reads KJT metadata (keys, lengths); keep it a leaf when the train pipeline fx-traces the model.
@@ -152,9 +158,14 @@ class SparseArch(nn.Module):
         self.input_norm: nn.Module = (
             InferenceBatchNorm(flat_dim, device=device) if config.input_norm == "affine" else nn.Identity()
         )
-        self.pair_hash: Optional[PairHashConfig] = (
-            pair_hash.resolve(schema) if pair_hash is not None else None
+        self.pair_hasher: Optional[PairHasher] = (
+            PairHasher(pair_hash.resolve(schema)) if pair_hash is not None else None
         )
+
+    @property
+    def pair_hash(self) -> Optional[PairHashConfig]:
+        """The resolved MemoNet addressing, or None without a MemoNet expert."""
+        return self.pair_hasher.config if self.pair_hasher is not None else None
 
     @property
     def num_fields(self) -> int:
@@ -184,9 +195,5 @@ class SparseArch(nn.Module):
             lengths = list_lengths(features, self.feature_names).clamp(min=1)
             fields = fields / lengths.unsqueeze(-1).to(fields.dtype)
         flat = self.input_norm(fields.flatten(1))
-        pair_ids = None
-        if self.pair_hash is not None:
-            pair_ids = pair_hash_ids(
-                features, self.pair_hash.fields, self.pair_hash.num_buckets, self.pair_hash.seeds
-            )
+        pair_ids = self.pair_hasher(features) if self.pair_hasher is not None else None
         return ExpertInputs(fields=fields, flat=flat, pair_ids=pair_ids)

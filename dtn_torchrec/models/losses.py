@@ -78,8 +78,9 @@ class MultiTaskLoss(nn.Module):
     """``L = sum_t w_t * mean_b BCEWithLogits(logit_bt, y_bt; pos_weight_t)``.
 
     ``pos_weight`` scales the positive term as ``tf.nn.weighted_cross_entropy_with_logits`` does
-    (reference: click 200, conversion 3000). Weights are kept as Python floats so the module holds
-    no buffer (nothing to materialise when the model is built on the meta device).
+    (reference: click 200, conversion 3000). The weights are non-persistent buffers built on the
+    host even for a meta model (DMP materialises meta buffers as zeros); they move to the rank's
+    device with the module, so the step copies nothing from the host.
 
     Args:
         tasks (Sequence[str]): task names, column order of logits and labels.
@@ -107,13 +108,19 @@ class MultiTaskLoss(nn.Module):
         unknown = sorted((set(task_weights) | set(pos_weights)) - set(tasks))
         if unknown:
             raise ValueError(f"loss weights name unknown task(s) {unknown} (tasks: {list(tasks)})")
-        self._task_weights: List[float] = [float(task_weights.get(t, 1.0)) for t in tasks]
-        self._pos_weights: List[float] = [float(pos_weights.get(t, 1.0)) for t in tasks]
+        self.register_buffer(
+            "task_weights", torch.tensor([float(task_weights.get(t, 1.0)) for t in tasks]),
+            persistent=False,
+        )  # [T]
+        self.register_buffer(
+            "pos_weights", torch.tensor([float(pos_weights.get(t, 1.0)) for t in tasks]),
+            persistent=False,
+        )  # [T]
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         per_element = F.binary_cross_entropy_with_logits(
-            logits, labels, pos_weight=logits.new_tensor(self._pos_weights), reduction="none"
+            logits, labels, pos_weight=self.pos_weights.to(logits.dtype), reduction="none"
         )
         per_task = per_element.mean(dim=0)  # [T]
-        total = (per_task * logits.new_tensor(self._task_weights)).sum()
+        total = (per_task * self.task_weights.to(per_task.dtype)).sum()
         return total, per_task

@@ -49,6 +49,15 @@ class MultiTaskModel(nn.Module):
         return logits
 
 
+def select_columns(x: torch.Tensor, columns: List[int]) -> torch.Tensor:
+    """``x[:, columns]`` (``[B, C] -> [B, len(columns)]``) without an index tensor built from
+    Python data (a host-to-device copy per call): a view when ``columns`` is a leading range,
+    else one stack of column views."""
+    if columns == list(range(len(columns))):
+        return x[:, : len(columns)]
+    return torch.stack([x[:, c] for c in columns], dim=1)
+
+
 class MultiTaskTrainWrapper(nn.Module):
     """Loss around :class:`MultiTaskModel` in TorchRec's ``DLRMTrain`` convention.
 
@@ -69,7 +78,6 @@ class MultiTaskTrainWrapper(nn.Module):
         self.model = model
         self.loss = loss
         self._label_columns: List[int] = list(label_columns)
-        self._identity_columns: bool = self._label_columns == list(range(len(self._label_columns)))
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Args: batch: ``sparse_features`` KJT, ``labels [B, L]``.
@@ -78,6 +86,6 @@ class MultiTaskTrainWrapper(nn.Module):
             the weighted total loss, and ``(loss.detach(), logits.detach() [B, T], labels [B, T])``.
         """
         logits = self.model(batch.sparse_features)
-        labels = batch.labels if self._identity_columns else batch.labels[:, self._label_columns]
+        labels = select_columns(batch.labels, self._label_columns)
         loss, _ = self.loss(logits, labels)
         return loss, (loss.detach(), logits.detach(), labels)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.schema import SchemaSpec
@@ -127,39 +128,61 @@ def first_ids(features: KeyedJaggedTensor, fields: List[str]) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
-def pair_hash_ids(
-    features: KeyedJaggedTensor, fields: List[str], num_buckets: int, seeds: List[int]
-) -> KeyedJaggedTensor:
-    """Hashes every field pair of every row into ``len(seeds)`` codebook ids.
+class PairHasher(nn.Module):
+    """Hashes every crossed-field pair of every row into ``num_hash`` codebook ids.
 
     ``id[b, p, k] = mix(seed_k, i, v_i, j, v_j) mod num_buckets`` for pair ``p = (i, j)``
     (``field_pairs`` order), where ``v_i`` is the first id of ``fields[i]`` in row ``b``.
     Each id depends only on its own row, pair and seed.
 
+    The module has no trainable parameters and reads only the batch's KJT, so
+    ``TrainPipelineSparseDist(pipeline_postproc=True)`` runs it in the sparse-data-dist stage
+    and the codebooks' input all-to-all is pipelined like the field tables'. The hash state of
+    ``(seed_k, i)`` is precomputed into a buffer, so the forward builds no tensor from Python
+    data (no host-to-device copy in the step).
+
     Args:
-        features (KeyedJaggedTensor): the batch's sparse features.
-        fields (List[str]): the ``n`` crossed fields (resolved ``PairHashConfig.fields``).
-        num_buckets (int): codebook rows.
-        seeds (List[int]): one seed per hash function (``K``).
+        config (PairHashConfig): resolved addressing (``fields`` and ``seeds`` set).
+
+    Call args:
+        features (KeyedJaggedTensor): ``B`` rows holding every key of ``config.fields``.
 
     Returns:
         KeyedJaggedTensor: one key ``"memonet_pairs"``, ``P * K`` ids per row ordered
-        ``[row][pair][hash]``.
+        ``[row][pair][hash]``, with its per-key lengths set.
     """
-    ids = first_ids(features, fields)  # [B, n]
-    batch_size = ids.shape[0]
-    pairs = torch.tensor(field_pairs(len(fields)), dtype=torch.long, device=ids.device)  # [P, 2]
-    left, right = pairs[:, 0], pairs[:, 1]
-    h = splitmix64(torch.tensor(seeds, dtype=torch.long, device=ids.device))  # [K]
-    h = splitmix64(h[None, :] ^ left[:, None])  # [P, K]
-    h = splitmix64(h[None] ^ ids[:, left, None])  # [B, P, K]
-    h = splitmix64(h ^ right[None, :, None])
-    h = splitmix64(h ^ ids[:, right, None])
-    buckets = torch.remainder(h & _as_int64((1 << 63) - 1), num_buckets)
-    per_row = len(fields) * (len(fields) - 1) // 2 * len(seeds)
-    lengths = torch.full((batch_size,), per_row, dtype=torch.int32, device=ids.device)
-    return KeyedJaggedTensor(keys=[MEMONET_PAIRS_KEY], values=buckets.reshape(-1), lengths=lengths)
 
+    def __init__(self, config: PairHashConfig) -> None:
+        super().__init__()
+        if config.fields is None or config.seeds is None:
+            raise ValueError("PairHasher needs a resolved PairHashConfig; call resolve(schema)")
+        self.config = config
+        self._ids_per_row = config.num_pairs * config.num_hash
+        pairs = torch.tensor(field_pairs(len(config.fields)), dtype=torch.long).reshape(-1, 2)
+        seed_state = splitmix64(torch.tensor(config.seeds, dtype=torch.long))  # [K]
+        # Built on the host even when the model is built on ``meta``: DMP materialises meta
+        # buffers as zeros, while host buffers are moved to the rank's device with the module.
+        self.register_buffer("left", pairs[:, 0].contiguous(), persistent=False)  # [P]
+        self.register_buffer("right", pairs[:, 1].contiguous(), persistent=False)  # [P]
+        self.register_buffer(
+            "pair_seed_state", splitmix64(seed_state[None, :] ^ pairs[:, :1]), persistent=False
+        )  # [P, K]
 
-# Data-dependent indexing: keep it a leaf when TorchRec's train pipeline fx-traces the model.
-torch.fx.wrap("pair_hash_ids")
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        ids = first_ids(features, self.config.fields)  # [B, n]
+        batch_size = ids.shape[0]
+        h = splitmix64(self.pair_seed_state[None] ^ ids[:, self.left, None])  # [B, P, K]
+        h = splitmix64(h ^ self.right[None, :, None])
+        h = splitmix64(h ^ ids[:, self.right, None])
+        buckets = torch.remainder(h & _as_int64((1 << 63) - 1), self.config.num_buckets)
+        num_ids = batch_size * self._ids_per_row
+        return KeyedJaggedTensor(
+            keys=[MEMONET_PAIRS_KEY],
+            values=buckets.reshape(-1),
+            lengths=torch.full(
+                (batch_size,), self._ids_per_row, dtype=torch.int32, device=ids.device
+            ),
+            stride=batch_size,
+            length_per_key=[num_ids],
+            offset_per_key=[0, num_ids],
+        )

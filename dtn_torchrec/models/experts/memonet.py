@@ -46,10 +46,14 @@ class GlobalAttentiveShrink(nn.Module):
     ) -> None:
         super().__init__()
         pairs = field_pairs(num_crossed_fields)
-        # Pair indices containing each field, in pair order: [n][n - 1].
-        self.pairs_of_field: List[List[int]] = [
+        # Pair indices containing each field, in pair order: [n, n - 1]. A host buffer even for a
+        # meta model (DMP materialises meta buffers as zeros); it moves with the module.
+        pairs_of_field = [
             [p for p, pair in enumerate(pairs) if i in pair] for i in range(num_crossed_fields)
         ]
+        self.register_buffer(
+            "pairs_of_field", torch.tensor(pairs_of_field, dtype=torch.long), persistent=False
+        )
         self.squeeze = Dense(squeeze_dim, squeeze_dim, bias=False, device=device)
         self.excite = Dense(squeeze_dim, len(pairs), bias=False, device=device)
 
@@ -57,8 +61,7 @@ class GlobalAttentiveShrink(nn.Module):
         """Args: fields: raw ``[B, F, D]``; pairs: ``[B, P, d]``. Returns: ``[B, n, d]``."""
         weights = self.excite(torch.relu(self.squeeze(fields.flatten(1))))  # [B, P]
         weighted = pairs * weights.unsqueeze(-1)
-        index = torch.tensor(self.pairs_of_field, dtype=torch.long, device=pairs.device)
-        return weighted[:, index].sum(dim=2)
+        return weighted[:, self.pairs_of_field].sum(dim=2)
 
 
 class MemoNetExpert(nn.Module):
