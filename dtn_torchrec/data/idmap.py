@@ -10,6 +10,8 @@ the lists); row 0 of every table is reserved.
   raw id in row ``r`` of that file maps to ``r + 1``. ``load_vocab`` reads it back.
 * ``hash``: ``1 + (raw mod (size - 1))`` (the non-negative remainder, also for negative raw
   ids), no vocabulary pass; ``num_embeddings = size``.
+* ``raw``: the raw 64-bit ids unchanged, no vocabulary pass; ``num_embeddings = 0`` (no table
+  size: an open id space, for tables that remap ids themselves, e.g. managed collisions).
 """
 
 from __future__ import annotations
@@ -68,7 +70,18 @@ class HashIdMap:
         return 1 + np.mod(ids, np.int64(self.size - 1))
 
 
-IdMap = Union[VocabIdMap, HashIdMap]
+class RawIdMap:
+    """Keeps raw ids as they are; ``num_embeddings`` is 0 (no fixed table)."""
+
+    @property
+    def num_embeddings(self) -> int:
+        return 0
+
+    def map(self, ids: np.ndarray) -> np.ndarray:
+        return ids
+
+
+IdMap = Union[VocabIdMap, HashIdMap, RawIdMap]
 
 
 def map_in_place(id_map: IdMap, ids: np.ndarray, chunk: int = 1 << 22) -> None:
@@ -160,6 +173,8 @@ def load_vocab(dataset_dir: Union[str, os.PathLike], field_name: str) -> VocabId
 def load_id_maps(dataset_dir: Union[str, os.PathLike], id_mapping: str,
                  num_embeddings: Dict[str, int]) -> Dict[str, IdMap]:
     """The id maps of an existing dataset (for ``--vocab-from``), per field."""
+    if id_mapping == "raw":
+        return {name: RawIdMap() for name in num_embeddings}
     if id_mapping == "hash":
         return {name: HashIdMap(size) for name, size in num_embeddings.items()}
     maps: Dict[str, IdMap] = {}

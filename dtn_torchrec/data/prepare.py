@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -47,12 +47,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dtn_torchrec.atomic_files import claim_output_dir, publish_output_dir
+from dtn_torchrec.data.distinct import DistinctSketch, splitmix64
 from dtn_torchrec.data.formats import CommonTable, InputFormat, ParsedRows, make_format, resolve_missing_id
 from dtn_torchrec.data.idmap import (
     DEFAULT_HASH_SIZE,
     HashIdMap,
     IdCounter,
     IdMap,
+    RawIdMap,
     build_vocab,
     load_id_maps,
     map_in_place,
@@ -71,7 +73,7 @@ from dtn_torchrec.data.schema import (
 
 PREPARE_TOOL = "dtn-prepare"
 INVALID_LABEL_PAIR = "click0_conversion1"
-ID_MAPPINGS = ("vocab", "hash")
+ID_MAPPINGS = ("vocab", "hash", "raw")
 DEFAULT_VALID_FRACTION = 0.1
 
 
@@ -81,7 +83,7 @@ class PrepareOptions:
 
     Args:
         split: read only this split (a directory) or name the split of a single input file.
-        id_mapping: ``vocab`` or ``hash`` (see ``idmap``).
+        id_mapping: ``vocab``, ``hash`` or ``raw`` (see ``idmap``).
         min_count: ``vocab``: keep raw ids seen at least this often in the train split.
         hash_size: ``hash``: table size of every field (row 0 reserved).
         hash_sizes: ``hash``: per-field table sizes overriding ``hash_size``.
@@ -144,10 +146,7 @@ def valid_mask(sample_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray
     """True for the rows that go to ``valid``: splitmix64(sample_id + seed * golden) / 2**64 <
     fraction. Deterministic per sample id, independent of row order. bool ``[N]``."""
     with np.errstate(over="ignore"):
-        x = sample_ids.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
+        x = splitmix64(sample_ids.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
 
 
@@ -206,9 +205,18 @@ def _process_alive(pid: int) -> bool:
 
 @dataclass
 class _FieldStats:
+    """Statistics of one field over the stats split: distinct ids counted exactly, or for raw
+    ids (an open id space) estimated by a sketch in fixed memory."""
+
+    distinct: Union[IdCounter, DistinctSketch]
     values: int = 0
     max_length: int = 0
-    distinct: IdCounter = field(default_factory=IdCounter)
+
+    def cardinality(self) -> Tuple[int, float]:
+        """Distinct ids (mapped id 0, missing/OOV, left out) and the estimate's relative error."""
+        if isinstance(self.distinct, DistinctSketch):
+            return self.distinct.estimate(), self.distinct.relative_standard_error()
+        return int(np.count_nonzero(self.distinct.result()[0])), 0.0
 
 
 @dataclass
@@ -232,7 +240,6 @@ class _Preparation:
         self.invalid_pair = ((parser.labels.index("click"), parser.labels.index("conversion"))
                              if {"click", "conversion"} <= set(parser.labels) else None)
         self.splits = {s: _SplitState(s) for s in self.out_splits}
-        self.field_stats = [_FieldStats() for _ in parser.fields]
         self.common_info: Dict[str, Dict[str, object]] = {}
         self.bad_examples: List[str] = []
         self.unterminated: List[str] = []
@@ -269,6 +276,8 @@ class _Preparation:
     def run(self) -> SchemaSpec:
         start = time.perf_counter()
         self.id_maps, vocab_files = self._id_maps()
+        self.field_stats = [_FieldStats(DistinctSketch() if self.id_mapping == "raw" else IdCounter())
+                            for _ in self.parser.fields]
         for split in ("train", "valid", "test"):
             for source in self.sources.get(split, []):
                 self._write_source(source)
@@ -309,13 +318,15 @@ class _Preparation:
             return [maps[f] for f in fields], files
         self.id_mapping, self.min_count = opts.id_mapping, opts.min_count
         self.hash_size = opts.hash_size if opts.id_mapping == "hash" else 0
+        if opts.hash_sizes and opts.id_mapping != "hash":
+            raise ValueError("--hash-sizes needs --id-mapping hash")
+        if opts.id_mapping == "raw":
+            return [RawIdMap() for _ in fields], {}
         if opts.id_mapping == "hash":
             unknown = sorted(set(opts.hash_sizes) - set(fields))
             if unknown:
                 raise ValueError(f"--hash-sizes names unknown fields {unknown} (fields: {fields})")
             return [HashIdMap(opts.hash_sizes.get(f, opts.hash_size)) for f in fields], {}
-        if opts.hash_sizes:
-            raise ValueError("--hash-sizes needs --id-mapping hash")
         if "train" not in self.sources:
             raise ValueError("--id-mapping vocab builds the vocabulary from the train split, and the input has "
                              "none; pass --vocab-from DATASET or --id-mapping hash")
@@ -465,11 +476,13 @@ class _Preparation:
         fields = []
         for name, weighted, stats, id_map in zip(self.parser.fields, self.parser.weighted, self.field_stats,
                                                  self.id_maps):
+            cardinality, cardinality_rse = stats.cardinality()
             fields.append(FieldSpec(
                 name=name,
                 num_embeddings=id_map.num_embeddings,
                 weight_column=weight_column_name(name) if weighted else None,
-                cardinality=int(np.count_nonzero(stats.distinct.result()[0])),
+                cardinality=cardinality,
+                cardinality_rse=cardinality_rse,
                 mean_length=stats.values / rows if rows else 0.0,
                 max_length=stats.max_length,
             ))
@@ -495,7 +508,7 @@ class _Preparation:
                           summary=summary)
 
 
-def _count_common_ids(counter: IdCounter, table: Ragged, key_counts: np.ndarray, keys_per_chunk: int = 8192) -> None:
+def _count_common_ids(counter: Union[IdCounter, DistinctSketch], table: Ragged, key_counts: np.ndarray, keys_per_chunk: int = 8192) -> None:
     """Adds the ids of every common-table key ``k`` to ``counter`` ``key_counts[k]`` times, a
     chunk of keys at a time so that memory stays small next to the table."""
     for lo in range(0, table.num_rows, keys_per_chunk):
@@ -631,7 +644,7 @@ def _file_size(path: str) -> Optional[int]:
 
 def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
     """The human-readable summary ``dtn-prepare`` prints."""
-    mapping = f"vocab, min_count {schema.min_count}" if schema.id_mapping == "vocab" else "hash"
+    mapping = f"vocab, min_count {schema.min_count}" if schema.id_mapping == "vocab" else schema.id_mapping
     lines = [f"dtn-prepare: {schema.source_format} -> {output} ({mapping}); "
              f"labels {', '.join(schema.labels)}; {schema.summary.get('elapsed_s', 0):.1f} s",
              f"{'split':<6} {'rows_read':>12} {'rows':>12}  dropped"]
@@ -648,7 +661,8 @@ def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
     lines.append(f"fields (statistics of {schema.summary.get('stats_split', 'train')}):")
     lines.append(f"  {'field':<10} {'num_embeddings':>14} {'cardinality':>12} {'mean_len':>9} {'max_len':>8}  weights")
     for f in schema.fields:
-        lines.append(f"  {f.name:<10} {f.num_embeddings:>14} {f.cardinality:>12} {f.mean_length:>9.2f} "
+        cardinality = f"~{f.cardinality}" if f.cardinality_rse else str(f.cardinality)
+        lines.append(f"  {f.name:<10} {f.num_embeddings:>14} {cardinality:>12} {f.mean_length:>9.2f} "
                      f"{f.max_length:>8}  {'yes' if f.weight_column else 'no'}")
     for example in schema.summary.get("bad_line_examples", [])[:5]:
         lines.append(f"skipped: {example}")

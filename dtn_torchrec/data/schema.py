@@ -6,7 +6,8 @@ Canonical Parquet layout of every split file (``<dataset>/<split>/part-*.parquet
 * ``sample_id``: ``int64``
 * one ``list<int64>`` column per sparse field, named by the field name (e.g. ``"101"``,
   ``"109_14"``). Ids are already mapped (``vocab``: 1..V, 0 = missing/OOV; ``hash``:
-  ``1 + (raw mod (num_embeddings - 1))``, 0 reserved for missing). A missing field is an empty list.
+  ``1 + (raw mod (num_embeddings - 1))``, 0 reserved for missing; ``raw``: the raw ids,
+  ``num_embeddings`` 0). A missing field is an empty list.
 * optionally one ``list<float32>`` weight column per field (``FieldSpec.weight_column``), aligned
   element by element with the id list (Ali-CCP's ``feature_value``).
 * one ``int8`` column per label (``SchemaSpec.labels``), in task order.
@@ -49,9 +50,12 @@ class FieldSpec:
 
     Args:
         name: field name, also the Parquet column and the KJT key.
-        num_embeddings: table rows; every mapped id lies in ``[0, num_embeddings)``.
+        num_embeddings: table rows; every mapped id lies in ``[0, num_embeddings)`` (0 for
+            ``raw`` ids: no fixed table).
         weight_column: Parquet column with per-id float weights, or None.
-        cardinality: distinct ids seen in the training split (after mapping).
+        cardinality: distinct ids seen in the training split (after mapping); for ``raw`` ids
+            a sketch's estimate.
+        cardinality_rse: relative standard error of ``cardinality`` (0: an exact count).
         mean_length: mean list length over the training split.
         max_length: longest list seen in the training split.
     """
@@ -60,6 +64,7 @@ class FieldSpec:
     num_embeddings: int
     weight_column: Optional[str] = None
     cardinality: int = 0
+    cardinality_rse: float = 0.0
     mean_length: float = 0.0
     max_length: int = 0
 

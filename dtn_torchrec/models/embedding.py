@@ -133,6 +133,12 @@ class SparseArch(nn.Module):
         super().__init__()
         if not schema.fields:
             raise ValueError("SparseArch: schema has no fields")
+        if schema.id_mapping == "raw":
+            # Raw 64-bit ids index no plain table: they need tables that remap ids themselves.
+            raise ValueError(
+                "the dataset keeps raw ids (dtn-prepare --id-mapping raw), which a plain embedding"
+                " table cannot look up; prepare it with --id-mapping vocab or hash"
+            )
         self.config = config
         self.feature_names: List[str] = schema.field_names
         tables = [
