@@ -32,9 +32,9 @@ TINY_DTN: Dict[str, Any] = {
     "dtn": {
         "methods": [
             {"kind": "masknet", "output_dim": 8, "num_mask_blocks": 1, "mask_hidden_dim": 8,
-             "mask_block_dim": 8, "masknet_mlp_dims": [8]},
+             "mask_block_dim": 8, "mlp_dims": [8]},
             {"kind": "memonet", "output_dim": 8, "num_buckets": 64, "num_hash": 2,
-             "memonet_fields": ["121", "125", "206", "216"]},
+             "fields": ["121", "125", "206", "216"]},
             {"kind": "gdcn", "output_dim": 8, "num_cross_layers": 1},
         ]
     },

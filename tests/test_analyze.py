@@ -169,7 +169,7 @@ def test_gate_usage_is_the_mean_of_each_gates_softmax() -> None:
     model = build_model(model_config_from_dict(TINY_DTN), schema).eval()
     features = random_features(schema, 300, seed=9)
     rows = EvalRows.from_batches([Batch(features, torch.zeros(300, 2), torch.arange(300))])
-    found = gate_usage(model, model_config_from_dict(TINY_DTN).dtn, rows, 64)
+    found = gate_usage(model, model_config_from_dict(TINY_DTN).architecture, rows, 64)
     usages = {(u.task, u.gate): u for u in found}
     assert list(usages) == [("click", "own"), ("click", "other_shared"),
                             ("conversion", "own"), ("conversion", "other_shared")]
@@ -193,7 +193,7 @@ def test_gate_usage_is_the_mean_of_each_gates_softmax() -> None:
     assert usages[("conversion", "other_shared")].experts == [
         "click/masknet", "click/memonet", "click/gdcn", "shared/masknet", "shared/memonet", "shared/gdcn"]
     mmoe = build_model(model_config_from_dict({"name": "mmoe"}), schema)
-    assert gate_usage(mmoe, model_config_from_dict({"name": "mmoe"}).dtn, rows, 64) is None
+    assert gate_usage(mmoe, model_config_from_dict({"name": "mmoe"}).architecture, rows, 64) is None
 
 
 # ------------------------------------------------------------------ report files
@@ -272,7 +272,7 @@ def test_planted_cross_fields_rank_first_for_their_task(tmp_path: Path) -> None:
         "embedding": {"embedding_dim": 8, "pooling": "mean"}, "tower": {"hidden_dims": [16]},
         "dtn": {"methods": [
             {"kind": "masknet", "output_dim": 16, "num_mask_blocks": 1, "mask_hidden_dim": 16,
-             "mask_block_dim": 16, "masknet_mlp_dims": [16]},
+             "mask_block_dim": 16, "mlp_dims": [16]},
             {"kind": "gdcn", "output_dim": 16, "num_cross_layers": 1}]},
     }
     torch.manual_seed(0)

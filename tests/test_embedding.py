@@ -145,6 +145,25 @@ def test_tables_follow_schema_and_init_std() -> None:
     assert abs(float(w.std()) - 0.0625) < 0.001 and abs(float(w.mean())) < 0.001
 
 
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_row_zero_is_zero_so_an_unseen_id_pools_like_a_missing_one(pooling: str) -> None:
+    torch.manual_seed(0)
+    arch = SparseArch(SCHEMA, EmbeddingConfig(embedding_dim=D, pooling=pooling))
+    for name in SCHEMA.field_names:
+        assert torch.equal(table(arch, name)[0], torch.zeros(D))
+        assert bool((table(arch, name)[1:].abs().sum(1) > 0).all())
+    # Row 1 of "u" and of "hist" hold id 0 (out of vocabulary) instead of nothing.
+    unseen = {k: [list(row) for row in rows] for k, rows in LISTS.items()}
+    unseen["u"][1] = [0]
+    unseen["hist"][1] = [0]
+    missing = {k: [list(row) for row in rows] for k, rows in LISTS.items()}
+    missing["u"][1] = []
+    missing["hist"][1] = []
+    got = arch(make_kjt(unseen, SCHEMA.field_names)).fields
+    torch.testing.assert_close(got, arch(make_kjt(missing, SCHEMA.field_names)).fields)
+    assert torch.equal(got[1, 0], torch.zeros(D))
+
+
 def test_meta_construction_allocates_nothing() -> None:
     meta = torch.device("meta")
     arch = SparseArch(SCHEMA, EmbeddingConfig(embedding_dim=D), pair_hash=PairHashConfig(), device=meta)

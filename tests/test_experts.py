@@ -14,7 +14,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dist_utils import free_port
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec
 from dtn_torchrec.models.embedding import EmbeddingConfig, SparseArch
-from dtn_torchrec.models.experts import ExpertConfig, build_expert, memonet_pair_hash
+from dtn_torchrec.models.experts import (
+    DCNConfig,
+    ExpertConfig,
+    GDCNConfig,
+    MaskNetConfig,
+    MemoNetConfig,
+    MLPConfig,
+    memonet_pair_hash,
+)
 from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY, PairHashConfig, field_pairs
 from dtn_torchrec.models.types import ExpertInputs
 
@@ -57,8 +65,13 @@ def randomise(module: nn.Module, seed: int = 1) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def hashes(cfg: ExpertConfig) -> int:
+    """Hash functions of the pair ids an expert reads (2 unless a MemoNet asks otherwise)."""
+    return cfg.num_hash if isinstance(cfg, MemoNetConfig) else 2
+
+
 def build(cfg: ExpertConfig, num_hash: int = 2, device: Optional[torch.device] = None) -> nn.Module:
-    return build_expert(cfg, F, D, name="x", device=device, pair_hash=pair_config(num_hash))
+    return cfg.build(F, D, name="x", device=device, pair_hash=pair_config(num_hash))
 
 
 def lin(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -151,32 +164,26 @@ def ref_memonet(e: nn.Module, x: ExpertInputs, num_hash: int) -> torch.Tensor:
 
 SMALL = dict(output_dim=6, hidden_dims=[7, 5])
 VARIANTS: Dict[str, ExpertConfig] = {
-    "mlp": ExpertConfig(kind="mlp", **SMALL),
-    "mlp_dropout_eval": ExpertConfig(kind="mlp", dropout=0.5, **SMALL),
-    "gdcn_projection": ExpertConfig(kind="gdcn", **SMALL),
-    "gdcn_stacked": ExpertConfig(kind="gdcn", gdcn_structure="stacked", num_cross_layers=3, **SMALL),
-    "gdcn_parallel": ExpertConfig(kind="gdcn", gdcn_structure="parallel", gdcn_bias_init="uniform", **SMALL),
-    "dcn_full": ExpertConfig(kind="dcn", **SMALL),
-    "dcn_low_rank": ExpertConfig(kind="dcn", dcn_low_rank=2, num_cross_layers=3, **SMALL),
-    "masknet_parallel": ExpertConfig(
-        kind="masknet", output_dim=6, num_mask_blocks=3, mask_block_dim=8, mask_hidden_dim=9,
-        masknet_mlp_dims=[8, 6],
+    "mlp": MLPConfig(**SMALL),
+    "mlp_dropout_eval": MLPConfig(dropout=0.5, **SMALL),
+    "gdcn_projection": GDCNConfig(**SMALL),
+    "gdcn_stacked": GDCNConfig(structure="stacked", num_cross_layers=3, **SMALL),
+    "gdcn_parallel": GDCNConfig(structure="parallel", bias_init="uniform", **SMALL),
+    "dcn_full": DCNConfig(output_dim=6),
+    "dcn_low_rank": DCNConfig(output_dim=6, low_rank=2, num_cross_layers=3),
+    "masknet_parallel": MaskNetConfig(
+        output_dim=6, num_mask_blocks=3, mask_block_dim=8, mask_hidden_dim=9, mlp_dims=[8, 6]
     ),
-    "masknet_serial": ExpertConfig(
-        kind="masknet", output_dim=6, masknet_mode="serial", num_mask_blocks=3, mask_block_dim=8,
-        mask_hidden_dim=9, masknet_mlp_dims=[8, 6],
+    "masknet_serial": MaskNetConfig(
+        output_dim=6, mode="serial", num_mask_blocks=3, mask_block_dim=8, mask_hidden_dim=9,
+        mlp_dims=[8, 6],
     ),
-    "masknet_emb_ln": ExpertConfig(
-        kind="masknet", output_dim=6, masknet_emb_layernorm=True, mask_block_dim=8, mask_hidden_dim=9,
-        masknet_mlp_dims=[6],
+    "masknet_emb_ln": MaskNetConfig(
+        output_dim=6, emb_layernorm=True, mask_block_dim=8, mask_hidden_dim=9, mlp_dims=[6]
     ),
-    "memonet": ExpertConfig(kind="memonet", output_dim=6, num_buckets=BUCKETS, codeword_dim=3),
-    "memonet_gas": ExpertConfig(
-        kind="memonet", output_dim=6, num_buckets=BUCKETS, codeword_dim=3, shrink="gas"
-    ),
-    "memonet_3hash_gas": ExpertConfig(
-        kind="memonet", output_dim=6, num_buckets=BUCKETS, num_hash=3, shrink="gas"
-    ),
+    "memonet": MemoNetConfig(output_dim=6, num_buckets=BUCKETS, codeword_dim=3),
+    "memonet_gas": MemoNetConfig(output_dim=6, num_buckets=BUCKETS, codeword_dim=3, shrink="gas"),
+    "memonet_3hash_gas": MemoNetConfig(output_dim=6, num_buckets=BUCKETS, num_hash=3, shrink="gas"),
 }
 
 
@@ -191,9 +198,9 @@ def reference(name: str, e: nn.Module, x: ExpertInputs) -> torch.Tensor:
 def test_expert_matches_formula(name: str) -> None:
     cfg = VARIANTS[name]
     torch.manual_seed(0)
-    expert = build(cfg, cfg.num_hash).eval()
+    expert = build(cfg, hashes(cfg)).eval()
     randomise(expert)
-    x = make_inputs(cfg.num_hash)
+    x = make_inputs(hashes(cfg))
     out = expert(x)
     assert out.shape == (B, cfg.output_dim) and expert.output_dim == cfg.output_dim
     torch.testing.assert_close(out, reference(name, expert, x), rtol=1e-5, atol=1e-5)
@@ -203,9 +210,9 @@ def test_expert_matches_formula(name: str) -> None:
 def test_gradients_reach_every_parameter(name: str) -> None:
     cfg = VARIANTS[name]
     torch.manual_seed(0)
-    expert = build(cfg, cfg.num_hash).eval()
+    expert = build(cfg, hashes(cfg)).eval()
     randomise(expert)
-    x = make_inputs(cfg.num_hash)
+    x = make_inputs(hashes(cfg))
     out = expert(x)
     (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
     for pname, p in expert.named_parameters():
@@ -234,7 +241,7 @@ def test_dropout_is_active_in_training_only() -> None:
 def test_reference_initialisation() -> None:
     torch.manual_seed(0)
     n = 64  # flat width F*D for a meaningful std
-    gdcn = build_expert(ExpertConfig(kind="gdcn"), 16, 4, name="g", device=None)
+    gdcn = GDCNConfig().build(16, 4, name="g", device=None)
     cross = gdcn.cross_layers[0]
     bound = math.sqrt(6.0 / (2 * n))  # glorot_uniform
     assert cross.cross.weight.abs().max() <= bound and cross.gate.weight.abs().max() <= bound
@@ -244,20 +251,19 @@ def test_reference_initialisation() -> None:
     assert abs(float(proj.weight.std()) - math.sqrt(2.0 / (n + 256))) < 0.005
     assert torch.count_nonzero(proj.bias) == 0
 
-    uni = build_expert(ExpertConfig(kind="gdcn", gdcn_bias_init="uniform"), 16, 4, name="g", device=None)
+    uni = GDCNConfig(bias_init="uniform").build(16, 4, name="g", device=None)
     b = uni.cross_layers[0].bias
     assert b.min() >= 0 and b.max() <= 1 and b.std() > 0.2
 
-    masknet = build_expert(ExpertConfig(kind="masknet"), 16, 4, name="m", device=None)
+    masknet = MaskNetConfig().build(16, 4, name="m", device=None)
     for pname, p in masknet.named_parameters():
         if pname.endswith("norm.weight"):
             assert torch.all(p == 1), pname
         elif pname.endswith("bias"):
             assert torch.count_nonzero(p) == 0, pname
 
-    memo = build_expert(
-        ExpertConfig(kind="memonet", num_buckets=5000), F, D, name="m", device=None, pair_hash=PairHashConfig(
-            num_buckets=5000).resolve(SCHEMA)
+    memo = MemoNetConfig(num_buckets=5000).build(
+        F, D, name="m", device=None, pair_hash=PairHashConfig(num_buckets=5000).resolve(SCHEMA)
     )
     codebook = memo.codebook.embeddings["memonet_codebook_m"].weight
     assert codebook.shape == (5000, D) and abs(float(codebook.std()) - 0.01) < 0.0005
@@ -268,7 +274,7 @@ def test_parameter_owners_reinitialise_themselves() -> None:
     # owns a meta parameter; without one it would keep uninitialised memory (or Kaiming init).
     meta = torch.device("meta")
     for name, cfg in VARIANTS.items():
-        expert = build(cfg, cfg.num_hash, device=meta)
+        expert = build(cfg, hashes(cfg), device=meta)
         assert all(p.is_meta for p in expert.parameters()), name
         for mod_name, module in expert.named_modules():
             if any(True for _ in module.parameters(recurse=False)):
@@ -278,29 +284,26 @@ def test_parameter_owners_reinitialise_themselves() -> None:
 def test_memonet_codebooks_are_separate_tables_per_expert() -> None:
     ph = pair_config()
     cfg = VARIANTS["memonet"]
-    e1 = build_expert(cfg, F, D, name="ctr", device=None, pair_hash=ph)
-    e2 = build_expert(cfg, F, D, name="cvr", device=None, pair_hash=ph)
+    e1 = cfg.build(F, D, name="ctr", device=None, pair_hash=ph)
+    e2 = cfg.build(F, D, name="cvr", device=None, pair_hash=ph)
     assert [c.name for c in e1.codebook.embedding_configs()] == ["memonet_codebook_ctr"]
     assert [c.name for c in e2.codebook.embedding_configs()] == ["memonet_codebook_cvr"]
     assert e1.codebook.embedding_configs()[0].feature_names == [MEMONET_PAIRS_KEY]
 
 
 def test_config_and_builder_errors() -> None:
-    with pytest.raises(ValueError, match="kind"):
-        ExpertConfig(kind="transformer")
-    with pytest.raises(ValueError, match="masknet_mlp_dims"):
-        ExpertConfig(kind="masknet", output_dim=128, masknet_mlp_dims=[256, 256])
-    with pytest.raises(ValueError, match="hidden_dims"):
-        ExpertConfig(kind="gdcn", gdcn_structure="stacked", hidden_dims=[])
-    with pytest.raises(ValueError, match="pair_hash"):
-        build_expert(ExpertConfig(kind="memonet"), F, D, name="m", device=None)
+    with pytest.raises(ValueError, match=r"^mlp_dims: must end with output_dim=128"):
+        MaskNetConfig(output_dim=128, mlp_dims=[256, 256])
+    with pytest.raises(ValueError, match=r"^hidden_dims: must be a non-empty list"):
+        GDCNConfig(structure="stacked", hidden_dims=[])
+    assert GDCNConfig(structure="projection", hidden_dims=[]).hidden_dims == []
+    with pytest.raises(ValueError, match="pair hashing"):
+        MemoNetConfig().build(F, D, name="m", device=None)
     with pytest.raises(ValueError, match="num_hash/num_buckets"):
-        build_expert(
-            ExpertConfig(kind="memonet", num_buckets=7), F, D, name="m", device=None, pair_hash=pair_config()
-        )
+        MemoNetConfig(num_buckets=7).build(F, D, name="m", device=None, pair_hash=pair_config())
     with pytest.raises(ValueError, match="share"):
-        memonet_pair_hash([ExpertConfig(kind="memonet"), ExpertConfig(kind="memonet", num_hash=3)], SCHEMA)
-    assert memonet_pair_hash([ExpertConfig(kind="gdcn")], SCHEMA) is None
+        memonet_pair_hash([MemoNetConfig(), MemoNetConfig(num_hash=3)], SCHEMA)
+    assert memonet_pair_hash([GDCNConfig()], SCHEMA) is None
     with pytest.raises(ValueError, match="pair_ids"):
         build(VARIANTS["memonet"])(ExpertInputs(fields=torch.zeros(B, F, D), flat=torch.zeros(B, F * D)))
 
@@ -310,7 +313,7 @@ def test_sparse_arch_feeds_every_expert_end_to_end() -> None:
     ph = memonet_pair_hash(cfgs, SCHEMA)
     torch.manual_seed(0)
     arch = SparseArch(SCHEMA, EmbeddingConfig(embedding_dim=D), pair_hash=ph)
-    experts = [build_expert(c, F, D, name=f"e{k}", device=None, pair_hash=ph) for k, c in enumerate(cfgs)]
+    experts = [c.build(F, D, name=f"e{k}", device=None, pair_hash=ph) for k, c in enumerate(cfgs)]
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=["a", "h", "b", "c"],
         values=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]),
@@ -333,7 +336,7 @@ class _Net(nn.Module):
         emb = EmbeddingConfig(embedding_dim=8, pooling="mean")
         self.sparse = SparseArch(SCHEMA, emb, pair_hash=ph, device=device)
         self.experts = nn.ModuleList(
-            build_expert(c, F, 8, name=f"e{k}", device=device, pair_hash=ph) for k, c in enumerate(cfgs)
+            c.build(F, 8, name=f"e{k}", device=device, pair_hash=ph) for k, c in enumerate(cfgs)
         )
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -357,12 +360,12 @@ def test_dmp_one_rank_shards_tables_and_codebooks(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     cfgs = [
-        ExpertConfig(kind="memonet", num_buckets=BUCKETS, output_dim=8),
-        ExpertConfig(kind="memonet", num_buckets=BUCKETS, output_dim=8, shrink="gas", codeword_dim=4),
-        ExpertConfig(kind="gdcn", output_dim=8),
-        ExpertConfig(kind="masknet", output_dim=8, masknet_mlp_dims=[8]),
-        ExpertConfig(kind="dcn", output_dim=8, dcn_low_rank=3),
-        ExpertConfig(kind="mlp", output_dim=8, hidden_dims=[8]),
+        MemoNetConfig(num_buckets=BUCKETS, output_dim=8),
+        MemoNetConfig(num_buckets=BUCKETS, output_dim=8, shrink="gas", codeword_dim=4),
+        GDCNConfig(output_dim=8),
+        MaskNetConfig(output_dim=8, mlp_dims=[8]),
+        DCNConfig(output_dim=8, low_rank=3),
+        MLPConfig(output_dim=8, hidden_dims=[8]),
     ]
     lr = 0.5
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -16,18 +15,19 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.schema import ALICCP_FIELDS, ALICCP_LABELS, FieldSpec, SchemaSpec
 from dtn_torchrec.models.builder import build_model, build_train_model
-from dtn_torchrec.models.config import (
+from dtn_torchrec.models.config import LossConfig, ModelConfig, model_config_from_dict
+from dtn_torchrec.models.experts import DCNConfig, ExpertConfig, MemoNetConfig, MLPConfig
+from dtn_torchrec.models.multitask import (
+    DTN,
     DTNConfig,
-    LossConfig,
+    MMoE,
     MMoEConfig,
-    ModelConfig,
+    PLE,
     PLEConfig,
+    SharedBottom,
     SharedBottomConfig,
     TowerConfig,
-    model_config_from_dict,
 )
-from dtn_torchrec.models.experts import ExpertConfig
-from dtn_torchrec.models.multitask import DTN, MMoE, PLE, SharedBottom
 from dtn_torchrec.models.multitask.gates import ExpertOutputGate, InputGate
 from dtn_torchrec.models.multitask.towers import Tower
 from dtn_torchrec.models.task_graph import dependency_order
@@ -134,7 +134,7 @@ def test_expert_output_gate_is_per_expert_scalar_relu_softmax() -> None:
 
 def test_shared_bottom_matches_manual() -> None:
     arch = SharedBottom(
-        SharedBottomConfig(ExpertConfig(output_dim=5)),
+        SharedBottomConfig(MLPConfig(output_dim=5)),
         ["click", "conversion"],
         NF,
         D,
@@ -152,7 +152,7 @@ def test_shared_bottom_matches_manual() -> None:
 @pytest.mark.parametrize("activation", ["none", "relu"])
 def test_mmoe_gates_and_fusion_match_manual(combine: str, activation: str) -> None:
     tasks = ["click", "conversion", "atc"]
-    expert = ExpertConfig(output_dim=5)
+    expert = MLPConfig(output_dim=5)
     cfg = MMoEConfig(num_experts=4, expert=expert, gate_activation=activation, combine=combine)
     arch = MMoE(cfg, tasks, NF, D, NO_HIDDEN, fake_factory)
     randomize(arch)
@@ -176,7 +176,7 @@ def test_mmoe_gates_and_fusion_match_manual(combine: str, activation: str) -> No
 
 
 def ple_arch(tasks: List[str], levels: int = 2) -> PLE:
-    cfg = PLEConfig(num_levels=levels, task_experts=2, shared_experts=3, expert=ExpertConfig(output_dim=4))
+    cfg = PLEConfig(num_levels=levels, task_experts=2, shared_experts=3, expert=MLPConfig(output_dim=4))
     arch = PLE(cfg, tasks, NF, D, NO_HIDDEN, fake_factory)
     randomize(arch)
     return arch
@@ -228,7 +228,7 @@ def test_ple_gates_are_real_softmaxes_over_experts() -> None:
 
 
 def test_ple_rejects_memonet_above_first_level() -> None:
-    cfg = PLEConfig(num_levels=2, expert=ExpertConfig(kind="memonet"))
+    cfg = PLEConfig(num_levels=2, expert=MemoNetConfig())
     with pytest.raises(ValueError, match="memonet"):
         PLE(cfg, ["click", "conversion"], NF, D, NO_HIDDEN, fake_factory)
 
@@ -237,7 +237,7 @@ def test_ple_rejects_memonet_above_first_level() -> None:
 # DTN
 # ---------------------------------------------------------------------------------------------
 
-DTN_METHODS = [ExpertConfig(kind="mlp", output_dim=4), ExpertConfig(kind="dcn", output_dim=4)]
+DTN_METHODS = [MLPConfig(output_dim=4), DCNConfig(output_dim=4)]
 
 
 def dtn_arch(tasks: List[str], tsn: Dict[str, List[str]], variant: str, j: int = 2) -> DTN:
@@ -491,19 +491,19 @@ def test_demo_model_traces_with_fx_like_the_train_pipeline(path: Path) -> None:
 def test_label_columns_follow_task_names() -> None:
     schema = small_schema(labels=["conversion", "click"])  # dataset stores labels in another order
     torch.manual_seed(0)
-    model = build_train_model(ModelConfig(name="shared_bottom"), schema)
+    model = build_train_model(ModelConfig(SharedBottomConfig()), schema)
     batch = random_batch(schema)
     _, (_, _, labels) = model(batch)
     torch.testing.assert_close(labels, batch.labels[:, [1, 0]])
     with pytest.raises(ValueError, match="not labels"):
-        build_train_model(ModelConfig(name="mmoe", tasks=["click", "atc"]), schema)
+        build_train_model(ModelConfig(MMoEConfig(), tasks=["click", "atc"]), schema)
 
 
 def test_esmm_relation_in_model_multiplies_probabilities() -> None:
     torch.manual_seed(0)
     schema = small_schema()
     cfg = ModelConfig(
-        name="shared_bottom", loss=LossConfig(relation="esmm", product_of={"conversion": ["click"]})
+        SharedBottomConfig(), loss=LossConfig(relation="esmm", product_of={"conversion": ["click"]})
     )
     model = build_model(cfg, schema)
     features = random_batch(schema).sparse_features
@@ -512,66 +512,3 @@ def test_esmm_relation_in_model_multiplies_probabilities() -> None:
     torch.testing.assert_close(out[:, 0], heads[:, 0])
     p_click, p_cvr = torch.sigmoid(heads[:, 0]), torch.sigmoid(heads[:, 1])
     torch.testing.assert_close(torch.sigmoid(out[:, 1]), p_click * p_cvr)
-
-
-# ---------------------------------------------------------------------------------------------
-# Config loading
-# ---------------------------------------------------------------------------------------------
-
-
-def test_model_config_from_dict_builds_nested_dataclasses() -> None:
-    cfg = model_config_from_dict(
-        {
-            "name": "dtn",
-            "tasks": ["ctr", "atc", "cvr"],
-            "embedding": {"embedding_dim": 8, "pooling": "mean"},
-            "dtn": {
-                "variant": "paper",
-                "methods": [
-                    {"kind": "masknet", "output_dim": 32, "masknet_mlp_dims": [32]},
-                    {"kind": "gdcn"},
-                ],
-                "modules_per_method": 2,
-                "tsn": {"atc": ["ctr"], "cvr": ["atc"]},
-            },
-            "loss": {"pos_weights": {"ctr": 200, "cvr": "3e3"}},
-        }
-    )
-    assert cfg.embedding.embedding_dim == 8 and cfg.embedding.pooling == "mean"
-    assert [m.kind for m in cfg.dtn.methods] == ["masknet", "gdcn"] and cfg.dtn.methods[0].output_dim == 32
-    assert cfg.dtn.tsn == {"atc": ["ctr"], "cvr": ["atc"]}
-    assert cfg.loss.pos_weights == {"ctr": 200.0, "cvr": 3000.0}
-    assert isinstance(cfg.loss.pos_weights["ctr"], float)
-    assert cfg.mmoe == MMoEConfig()  # untouched sections keep defaults
-
-
-@pytest.mark.parametrize(
-    "data,message",
-    [
-        ({"nmae": "dtn"}, r"^nmae: unknown key"),
-        ({"dtn": {"methods": [{"kind": "gdcn"}, {"kind": "xgboost"}]}}, r"^dtn\.methods\[1\]: .*kind"),
-        ({"dtn": {"methods": [{"kind": "gdcn", "depth": 3}]}}, r"^dtn\.methods\[0\]\.depth: unknown key"),
-        ({"mmoe": {"num_experts": "8"}}, r"^mmoe\.num_experts: expected an integer"),
-        ({"mmoe": {"num_experts": True}}, r"^mmoe\.num_experts: expected an integer"),
-        ({"tasks": "click"}, r"^tasks: expected a list"),
-        ({"tower": {"hidden_dims": [64, "x"]}}, r"^tower\.hidden_dims\[1\]: expected an integer"),
-        ({"loss": {"pos_weights": {"click": "many"}}}, r"^loss\.pos_weights\.click: expected a number"),
-        ({"loss": {"pos_weights": {"buy": 2.0}}}, r"unknown task"),
-        ({"loss": {"relation": "esmm"}}, r"product_of"),
-        ({"name": "fm"}, r"name must be one of"),
-        ({"dtn": {"variant": "figure"}}, r"dtn\.variant must be one of"),
-        ({"embedding": {"pooling": "max"}}, r"embedding\.pooling"),
-        ({"dtn": None}, r"^dtn: expected a mapping"),
-    ],
-)
-def test_model_config_from_dict_rejects_bad_input(data: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        model_config_from_dict(data)
-
-
-def test_default_config_is_the_reference_dtn() -> None:
-    cfg = ModelConfig()
-    assert cfg.name == "dtn" and cfg.dtn.variant == "reference"
-    assert [m.kind for m in cfg.dtn.methods] == ["masknet", "memonet", "gdcn"]
-    assert cfg.dtn.tsn == {"conversion": ["click"]} and cfg.tower.hidden_dims == [128, 64]
-    assert dataclasses.asdict(model_config_from_dict(dataclasses.asdict(cfg))) == dataclasses.asdict(cfg)

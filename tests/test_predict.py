@@ -155,17 +155,17 @@ def test_dataset_with_other_vocabulary_is_refused(setup, one_rank, tmp_path: Pat
 
 def test_config_that_does_not_match_the_checkpoint_is_refused(setup, one_rank, tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    for override, key in [
-        ("model.tower.hidden_dims=[16]",
+    for overrides, key in [
+        (["model.tower.hidden_dims=[16]"],
          r"; shape differs: model\.dense_arch\.towers\.click\.mlp\.0\.weight is \[8, 8\] in the "
          r"checkpoint, \[16, 8\] here"),
-        ("model.embedding.embedding_dim=8",
+        (["model.embedding.embedding_dim=8"],
          r"embedding_bags\.t_101\.weight is \[\d+, 4\] in the checkpoint, \[\d+, 8\] here"),
-        ("model.name=mmoe",
+        (["model.name=mmoe", "model.dtn=null"],
          r"; missing from the checkpoint: model\.dense_arch\.experts\..*; "
          r"not in the model: model\.dense_arch\.groups\."),
     ]:
-        cfg = load_run_config(setup["config"], [override])
+        cfg = load_run_config(setup["config"], overrides)
         with pytest.raises(CheckpointMismatchError, match=key):
             predict(cfg, setup["run"], setup["data"], out, one_rank)
         _no_output(out)

@@ -6,14 +6,16 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import ClassVar, Dict, List, Literal, Optional, Tuple
 
 import pytest
 
-from dtn_torchrec.train.config import load_run_config, run_config_to_dict
+from dtn_torchrec.train.config import load_run_config, run_config_from_dict, run_config_to_dict
 from dtn_torchrec.dataclass_config import (
     ConfigError,
+    ConfigRegistry,
     apply_overrides,
+    config_to_dict,
     dataclass_from_dict,
     parse_override,
 )
@@ -115,6 +117,116 @@ def test_apply_overrides_creates_sections_and_keeps_input() -> None:
         dataclass_from_dict(Outer, apply_overrides(raw, ["inner.widht=2"]))
 
 
+def test_overrides_address_list_items_by_index() -> None:
+    raw = {"items": [{"a": 1}, {"a": 2}], "name": "x"}
+    out = apply_overrides(raw, ["items.1.a=5", "items[0].a=7", "items.0.b=[1, 2]", "items.0.b.1=3"])
+    assert out["items"] == [{"a": 7, "b": [1, 3]}, {"a": 5}] and raw["items"][0] == {"a": 1}
+    assert parse_override("x.m[2].k=1") == (["x", "m", "2", "k"], 1)
+    for override, message in [
+        ("items.2.a=1", r"^items\.2: no item '2' in items, a list of 2 \(indices 0\.\.1"),
+        ("items.x.a=1", r"^items\.x: no item 'x' in items, a list of 2"),
+        ("items[-1].a=1", r"^items\.-1: no item '-1' in items"),
+        ("tables.0.a=1", r"^tables: not in the config, so its items cannot be addressed"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(raw, [override])
+
+
+# A tagged union in both layouts: shapes inline ({kind: ...}), a section per layout name.
+@dataclass
+class Shape:
+    kind: ClassVar[str]
+    size: int = 1
+
+
+@dataclass
+class Layout:
+    name: ClassVar[str]
+
+
+SHAPES: ConfigRegistry[Shape] = ConfigRegistry(Shape, "shape", "kind")
+LAYOUTS: ConfigRegistry[Layout] = ConfigRegistry(Layout, "layout", "name", section=True)
+
+
+@SHAPES.register("circle")
+@dataclass
+class Circle(Shape):
+    radius: float = 1.0
+
+
+@SHAPES.register("square")
+@dataclass
+class Square(Shape):
+    side: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.side <= 0:
+            raise ValueError(f"side: must be > 0, got {self.side}")
+
+
+@LAYOUTS.register("grid")
+@dataclass
+class Grid(Layout):
+    columns: int = 2
+
+
+@LAYOUTS.register("row")
+@dataclass
+class Row(Layout):
+    shapes: List[Shape] = field(default_factory=list)
+
+
+@dataclass
+class Drawing:
+    layout: Layout = field(default_factory=Grid)
+    title: str = ""
+
+
+def test_tagged_union_in_both_layouts_round_trips() -> None:
+    raw = {"name": "row", "row": {"shapes": [{"kind": "circle", "radius": 2}, {"kind": "square"}]}}
+    cfg = dataclass_from_dict(Drawing, raw)
+    assert cfg == Drawing(layout=Row(shapes=[Circle(radius=2.0), Square()]))
+    assert cfg.layout.name == "row" and [s.kind for s in cfg.layout.shapes] == ["circle", "square"]
+    echo = config_to_dict(cfg)
+    assert echo == {
+        "name": "row",
+        "row": {"shapes": [{"kind": "circle", "size": 1, "radius": 2.0},
+                           {"kind": "square", "size": 1, "side": 1.0}]},
+        "title": "",
+    }
+    assert dataclass_from_dict(Drawing, echo) == cfg
+    assert dataclass_from_dict(Drawing, {"title": "t"}).layout == Grid()
+    assert dataclass_from_dict(Drawing, {"grid": {"columns": 3}}).layout == Grid(columns=3)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"name": "row", "row": {"shapes": [{"kind": "circle", "colour": 2}]}},
+         r"^row\.shapes\[0\]\.colour: not a field of the circle shape "
+         r"\(fields: kind, size, radius\)$"),
+        ({"name": "row", "row": {"shapes": [{"kind": "circle", "radus": 2}]}},
+         r"^row\.shapes\[0\]\.radus: not a field of the circle shape; did you mean "
+         r"'row\.shapes\[0\]\.radius'\?"),
+        ({"name": "row", "row": {"shapes": [{"size": 2}]}},
+         r"^row\.shapes\[0\]\.kind: required key is missing \(one of \['circle', 'square'\]\)"),
+        ({"name": "row", "row": {"shapes": [{"kind": "cube"}]}},
+         r"^row\.shapes\[0\]\.kind: 'cube' is not one of \['circle', 'square'\]"),
+        ({"name": "row", "row": {"shapes": [{"kind": "square", "side": 0}]}},
+         r"^row\.shapes\[0\]\.side: must be > 0, got 0"),
+        ({"name": "row", "grid": {"columns": 3}},
+         r"^grid: settings of the 'grid' layout, but name is 'row'; they would be ignored"),
+        ({"row": {}}, r"^row: settings of the 'row' layout, but name is 'grid'"),
+        ({"name": "column"}, r"^name: 'column' is not one of \['grid', 'row'\]"),
+        ({"name": "grid", "grid": {"shapes": []}}, r"^grid\.shapes: not a field of the grid "),
+        ({"layout": {}}, r"^layout: unknown key"),
+    ],
+)
+def test_tagged_union_errors_name_the_dotted_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        dataclass_from_dict(Drawing, raw)
+
+
 # ---------------------------------------------------------------------------------------------
 # RunConfig: the YAML files of the repository and dtn-train's command line
 # ---------------------------------------------------------------------------------------------
@@ -136,18 +248,21 @@ def test_overrides_reach_every_section(tmp_path: Path) -> None:
         REPO / "configs/dtn_demo.yaml",
         [
             "data.path=/data/x", "seed=11", "train.epochs=3", "train.max_steps=100",
-            "model.name=mmoe", "model.tower.hidden_dims=[8, 4]",
+            "model.dtn.methods.1.num_buckets=7", "model.tower.hidden_dims=[8, 4]",
             "train.dense_optimizer.lr=1e-4", "train.pipeline=plain",
             "sharding.sharding_types=[table_wise]", "output.dir=" + str(tmp_path),
         ],
     )
     assert cfg.data.path == "/data/x" and cfg.seed == 11
     assert cfg.train.epochs == 3 and cfg.train.max_steps == 100 and cfg.train.pipeline == "plain"
-    assert cfg.model.name == "mmoe" and cfg.model.tower.hidden_dims == [8, 4]
+    assert cfg.model.architecture.methods[1].num_buckets == 7
+    assert cfg.model.tower.hidden_dims == [8, 4]
     assert cfg.train.dense_optimizer.lr == pytest.approx(1e-4)
     assert cfg.sharding.sharding_types == ["table_wise"] and cfg.output.dir == str(tmp_path)
     echo = run_config_to_dict(cfg)
     assert echo["model"]["tower"]["hidden_dims"] == [8, 4] and echo["train"]["epochs"] == 3
+    assert echo["model"]["dtn"]["methods"][1]["num_buckets"] == 7
+    assert run_config_from_dict(echo) == cfg
 
 
 @pytest.mark.parametrize(
@@ -160,7 +275,21 @@ def test_overrides_reach_every_section(tmp_path: Path) -> None:
         ("data.shuffle=maybe", r"data\.shuffle: expected true or false, got 'maybe'"),
         ("output.tensorboard=1", r"output\.tensorboard: expected true or false, got 1"),
         ("model.tower.hidden_dims=abc", r"model\.tower\.hidden_dims: expected a list"),
-        ("model.name=transformer", r"model\.name must be one of"),
+        ("model.name=transformer", r"model\.name: 'transformer' is not one of \['dtn', "),
+        (
+            "model.name=mmoe",
+            r"model\.dtn: settings of the 'dtn' architecture, but model\.name is 'mmoe'; they "
+            r"would be ignored: remove model\.dtn \(override model\.dtn=null\) or set "
+            r"model\.name=dtn",
+        ),
+        (
+            "model.dtn.methods.2.num_buckets=3",
+            r"model\.dtn\.methods\[2\]\.num_buckets: not a field of the gdcn expert \(fields: ",
+        ),
+        ("model.dtn.methods.3.num_buckets=3", r"model\.dtn\.methods\.3: no item '3' in "
+         r"model\.dtn\.methods, a list of 3"),
+        ("model.dtn.methods.one.num_buckets=3", r"model\.dtn\.methods\.one: no item 'one'"),
+        ("model.mmoe.num_experts=4", r"model\.mmoe: settings of the 'mmoe' architecture"),
         ("train.sparse_optimizer.name=lamb", r"train\.sparse_optimizer\.name: unknown 'lamb'"),
         ("sharding.sharding_types=[diagonal]", r"sharding\.sharding_types: unknown value"),
         ("bogus=1", r"bogus: unknown key"),
@@ -184,6 +313,12 @@ def test_missing_required_and_unreadable(tmp_path: Path) -> None:
         load_run_config(path)
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read config"):
         load_run_config(tmp_path / "nope.yaml")
+
+
+def test_architecture_switch_drops_the_other_section() -> None:
+    cfg = load_run_config(REPO / "configs/dtn_demo.yaml", ["model.name=mmoe", "model.dtn=null"])
+    assert cfg.model.name == "mmoe" and cfg.model.architecture.num_experts == 8
+    assert cfg.model.embedding.embedding_dim == 16  # the rest of the file still applies
 
 
 def test_dtn_train_rejects_bad_override_with_one_line_reason() -> None:

@@ -94,7 +94,7 @@ def analyze(
     result = permutation_importance(
         model, rows, tasks, [data.labels.index(t) for t in tasks], importance, fields
     )
-    gates = gate_usage(model, cfg.model.dtn, rows, importance.batch_size)
+    gates = gate_usage(model, cfg.model.architecture, rows, importance.batch_size)
     settings: Dict[str, Any] = {
         "checkpoint": os.fspath(ref.path.resolve()),
         "step": ref.step,

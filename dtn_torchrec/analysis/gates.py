@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 import torch
 
 from dtn_torchrec.analysis.rows import EvalRows, score_rows
-from dtn_torchrec.models.config import DTNConfig
 from dtn_torchrec.models.model import MultiTaskModel
-from dtn_torchrec.models.multitask.dtn import DTN, SHARED
+from dtn_torchrec.models.multitask import ArchitectureConfig
+from dtn_torchrec.models.multitask.dtn import DTN, SHARED, DTNConfig
 
 GATE_KINDS = ("own", "other_shared")
 
@@ -73,18 +73,18 @@ class _WeightStats:
 
 
 def gate_usage(
-    model: MultiTaskModel, config: DTNConfig, rows: EvalRows, batch_size: int
+    model: MultiTaskModel, config: ArchitectureConfig, rows: EvalRows, batch_size: int
 ) -> Optional[List[GateUsage]]:
     """Mean gate weights of every DTN task over ``rows``; None when the model is not a DTN.
 
     Args:
         model: the trained model (eval mode).
-        config: its ``model.dtn`` section (module labels).
+        config: its architecture config (``model.dtn``: module labels).
         rows: the evaluation rows.
         batch_size: rows per forward.
     """
     dense = model.dense_arch
-    if not isinstance(dense, DTN):
+    if not isinstance(dense, DTN) or not isinstance(config, DTNConfig):
         return None
     gates = {"own": dense.own_gates, "other_shared": dense.other_gates}
     stats: Dict[tuple, _WeightStats] = {}

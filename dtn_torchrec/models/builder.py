@@ -10,18 +10,15 @@ from torch import nn
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.models.config import ModelConfig
 from dtn_torchrec.models.embedding import SparseArch
-from dtn_torchrec.models.experts import ExpertConfig, build_expert, memonet_pair_hash
+from dtn_torchrec.models.experts import ExpertConfig, memonet_pair_hash
 from dtn_torchrec.models.losses import MultiTaskLoss, ProductRelation
 from dtn_torchrec.models.model import MultiTaskModel, MultiTaskTrainWrapper
-from dtn_torchrec.models.multitask import DTN, MMoE, PLE, SharedBottom
-
-_ARCHITECTURES = {"shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE, "dtn": DTN}
 
 
 def build_model(
     cfg: ModelConfig, schema: SchemaSpec, device: Optional[torch.device] = None
 ) -> MultiTaskModel:
-    """The model of ``cfg.name`` with one embedding table per ``schema`` field.
+    """The model of ``cfg.architecture`` with one embedding table per ``schema`` field.
 
     Args:
         cfg (ModelConfig): architecture, tasks, embedding, towers, relation.
@@ -35,12 +32,14 @@ def build_model(
     pair_hash = memonet_pair_hash(cfg.expert_configs(), schema)
     sparse_arch = SparseArch(schema, cfg.embedding, pair_hash=pair_hash, device=device)
 
-    def make_expert(expert: ExpertConfig, name: str, num_fields: int, embedding_dim: int) -> nn.Module:
-        return build_expert(expert, num_fields, embedding_dim, name=name, device=device, pair_hash=pair_hash)
+    def make_expert(
+        expert: ExpertConfig, name: str, num_fields: int, embedding_dim: int
+    ) -> nn.Module:
+        return expert.build(
+            num_fields, embedding_dim, name=name, device=device, pair_hash=pair_hash
+        )
 
-    arch_config = getattr(cfg, cfg.name)
-    dense_arch = _ARCHITECTURES[cfg.name](
-        arch_config,
+    dense_arch = cfg.architecture.build(
         cfg.tasks,
         sparse_arch.num_fields,
         sparse_arch.embedding_dim,

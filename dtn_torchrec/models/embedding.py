@@ -43,6 +43,30 @@ def list_lengths(features: KeyedJaggedTensor, names: List[str]) -> torch.Tensor:
 torch.fx.wrap("list_lengths")
 
 
+def init_field_table(weight: torch.Tensor, *, num_embeddings: int, std: float) -> torch.Tensor:
+    """``N(0, std^2)`` rows, row 0 (missing / out-of-vocabulary ids) zero.
+
+    Row 0 is never looked up in training when every training id is in the vocabulary, so a
+    random row 0 would add a fixed random vector for each unseen id at scoring time (a
+    train/test shift). Zero makes an unseen id score like a missing one; when the training
+    split does map ids to 0 (``--min-count``), the row is trained like any other, as the
+    reference's OOV row is.
+
+    Args:
+        weight (torch.Tensor): the table ``[num_embeddings, D]``, or the part of it one rank
+            holds. Only a part holding every row (unsharded, table-wise, column-wise,
+            data-parallel) starts at global row 0; a row-wise shard (offered on GPU only) may
+            not, and keeps its rows random.
+        num_embeddings (int): rows of the whole table.
+        std (float): standard deviation of the rows.
+    """
+    nn.init.normal_(weight, mean=0.0, std=std)
+    if weight.shape[0] == num_embeddings:
+        with torch.no_grad():
+            weight[0].zero_()
+    return weight
+
+
 def table_name(field_name: str) -> str:
     """Name of the embedding table of a schema field."""
     return f"t_{field_name}"
@@ -153,7 +177,9 @@ class SparseArch(nn.Module):
                 pooling=PoolingType.SUM,
                 # Applied by EBC.reset_parameters and by the sharded EBC after DMP allocates
                 # the shards, so meta construction still gets the reference init.
-                init_fn=partial(nn.init.normal_, mean=0.0, std=config.init_std),
+                init_fn=partial(
+                    init_field_table, num_embeddings=f.num_embeddings, std=config.init_std
+                ),
             )
             for f in schema.fields
         ]

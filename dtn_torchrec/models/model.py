@@ -24,7 +24,7 @@ class MultiTaskModel(nn.Module):
 
     Example::
 
-        model = build_model(ModelConfig(name="mmoe"), schema)
+        model = build_model(ModelConfig(MMoEConfig()), schema)
         probs = torch.sigmoid(model(batch.sparse_features))  # [B, T]
     """
 

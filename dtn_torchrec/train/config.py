@@ -18,7 +18,6 @@ names the dotted key.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +30,13 @@ from dtn_torchrec.distributed.config import (
     ShardingConfig,
     SparseOptimizerConfig,
 )
-from dtn_torchrec.models.config import ModelConfig, model_config_from_dict
-from dtn_torchrec.dataclass_config import ConfigError, apply_overrides, dataclass_from_dict
+from dtn_torchrec.models.config import ModelConfig
+from dtn_torchrec.dataclass_config import (
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    dataclass_from_dict,
+)
 
 
 @dataclass
@@ -154,20 +158,12 @@ def _check_positive(name: str, value: int) -> None:
 def run_config_from_dict(raw: Dict[str, Any]) -> RunConfig:
     """Builds a :class:`RunConfig` from the nested dict of a config file (overrides applied).
 
-    The ``model`` section is converted by :func:`dtn_torchrec.models.config.model_config_from_dict`
-    (it knows which keys each model family takes); the rest by :func:`dataclass_from_dict`.
+    The ``model`` section's architecture and experts are tagged unions (``name``, ``kind``):
+    :func:`dataclass_from_dict` checks each against its own fields.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {raw!r}")
-    raw = dict(raw)
-    if "model" not in raw:
-        raise ConfigError("model: required key is missing")
-    try:
-        model = model_config_from_dict(raw.pop("model") or {})
-    except (ValueError, TypeError, KeyError) as e:
-        # The model layer's messages start with the key relative to the model section.
-        raise ConfigError(f"model.{e}") from e
-    cfg = dataclass_from_dict(RunConfig, {**raw, "model": model})
+    cfg = dataclass_from_dict(RunConfig, raw)
     # The distributed layer's configs check themselves; their messages name their own section.
     for prefix, section in (
         ("", cfg.sharding),
@@ -201,5 +197,6 @@ def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> R
 
 
 def run_config_to_dict(cfg: RunConfig) -> Dict[str, Any]:
-    """The config as plain nested dicts/lists (the echo in ``summary.json`` and ``config.yaml``)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts/lists (the echo in ``summary.json`` and ``config.yaml``);
+    :func:`run_config_from_dict` loads it back."""
+    return config_to_dict(cfg)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from dtn_torchrec.dataclass_config import check_at_least
+from dtn_torchrec.models.experts.config import EXPERTS, ExpertConfig
 from dtn_torchrec.models.experts.layers import Dense
+from dtn_torchrec.models.pair_hash import PairHashConfig
 from dtn_torchrec.models.types import ExpertInputs
 
 
@@ -71,3 +75,41 @@ class DCNExpert(nn.Module):
         for layer in self.cross_layers:
             c = layer(x, c)
         return self.projection(c)
+
+
+@EXPERTS.register("dcn")
+@dataclass
+class DCNConfig(ExpertConfig):
+    """``kind: dcn``: :class:`DCNExpert` (DCNv2 cross network, linear projection).
+
+    Args:
+        output_dim (int): ``H``. Default: 256.
+        num_cross_layers (int): cross layers. Default: 2.
+        low_rank (Optional[int]): rank of the cross matrices; None = full rank.
+    """
+
+    num_cross_layers: int = 2
+    low_rank: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least("num_cross_layers", self.num_cross_layers, 1)
+        if self.low_rank is not None:
+            check_at_least("low_rank", self.low_rank, 1)
+
+    def build(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        *,
+        name: str,
+        device: Optional[torch.device],
+        pair_hash: Optional[PairHashConfig] = None,
+    ) -> DCNExpert:
+        return DCNExpert(
+            num_fields * embedding_dim,
+            self.output_dim,
+            num_layers=self.num_cross_layers,
+            low_rank=self.low_rank,
+            device=device,
+        )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from torch import nn
 
+from dtn_torchrec.dataclass_config import check_at_least, check_one_of, check_widths
+from dtn_torchrec.models.experts.config import EXPERTS, ExpertConfig, check_dropout
 from dtn_torchrec.models.experts.layers import Dense, DenseStack
+from dtn_torchrec.models.pair_hash import PairHashConfig
 from dtn_torchrec.models.types import ExpertInputs
 
 
@@ -98,3 +102,54 @@ class GDCNExpert(nn.Module):
         else:
             h = torch.cat([c, self.mlp(x)], dim=1)
         return self.projection(h)
+
+
+@EXPERTS.register("gdcn")
+@dataclass
+class GDCNConfig(ExpertConfig):
+    """``kind: gdcn``: :class:`GDCNExpert`.
+
+    Args:
+        output_dim (int): ``H``. Default: 256.
+        num_cross_layers (int): gated cross layers. Default: 2.
+        structure (str): ``projection`` (reference: cross net -> linear), ``stacked``
+            (cross -> MLP -> linear) or ``parallel`` ([cross(x); MLP(x)] -> linear).
+        hidden_dims (List[int]): MLP widths of ``stacked`` / ``parallel``. Default: [256].
+        bias_init (str): cross bias init, ``zeros`` (reference) or ``uniform`` U(0, 1)
+            (official GDCN).
+        dropout (float): dropout after each MLP ReLU. Default: 0.
+    """
+
+    num_cross_layers: int = 2
+    structure: str = "projection"
+    hidden_dims: List[int] = field(default_factory=lambda: [256])
+    bias_init: str = "zeros"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least("num_cross_layers", self.num_cross_layers, 1)
+        check_one_of("structure", self.structure, ("projection", "stacked", "parallel"))
+        check_widths("hidden_dims", self.hidden_dims, non_empty=self.structure != "projection")
+        check_one_of("bias_init", self.bias_init, ("zeros", "uniform"))
+        check_dropout(self.dropout)
+
+    def build(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        *,
+        name: str,
+        device: Optional[torch.device],
+        pair_hash: Optional[PairHashConfig] = None,
+    ) -> GDCNExpert:
+        return GDCNExpert(
+            num_fields * embedding_dim,
+            self.output_dim,
+            num_layers=self.num_cross_layers,
+            structure=self.structure,
+            hidden_dims=self.hidden_dims,
+            bias_init=self.bias_init,
+            dropout=self.dropout,
+            device=device,
+        )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from torch import nn
 
+from dtn_torchrec.dataclass_config import check_at_least, check_one_of, check_widths
+from dtn_torchrec.models.experts.config import EXPERTS, ExpertConfig, check_dropout
 from dtn_torchrec.models.experts.layers import Dense, DenseStack
+from dtn_torchrec.models.pair_hash import PairHashConfig
 from dtn_torchrec.models.types import ExpertInputs
 
 # tf.contrib.layers.layer_norm's epsilon in the reference MaskBlock.
@@ -135,3 +139,64 @@ class MaskNetExpert(nn.Module):
             for block in self.blocks:
                 h = block(x, h)
         return self.mlp(h)
+
+
+@EXPERTS.register("masknet")
+@dataclass
+class MaskNetConfig(ExpertConfig):
+    """``kind: masknet``: :class:`MaskNetExpert`.
+
+    Args:
+        output_dim (int): ``H``; must equal the last of ``mlp_dims``. Default: 256.
+        mode (str): ``parallel`` (reference) or ``serial``.
+        num_mask_blocks (int): MaskBlocks. Default: 2.
+        mask_block_dim (int): MaskBlock output width. Default: 128.
+        mask_hidden_dim (int): aggregation width of the instance-guided mask. Default: 256.
+        mlp_dims (List[int]): ReLU MLP after the blocks. Default: [256, 256].
+        emb_layernorm (bool): per-field LayerNorm on the embedding before masking (MaskNet
+            paper / FuxiCTR); off in the reference.
+        dropout (float): dropout after each MLP ReLU. Default: 0.
+    """
+
+    mode: str = "parallel"
+    num_mask_blocks: int = 2
+    mask_block_dim: int = 128
+    mask_hidden_dim: int = 256
+    mlp_dims: List[int] = field(default_factory=lambda: [256, 256])
+    emb_layernorm: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_one_of("mode", self.mode, ("parallel", "serial"))
+        check_at_least("num_mask_blocks", self.num_mask_blocks, 1)
+        check_at_least("mask_block_dim", self.mask_block_dim, 1)
+        check_at_least("mask_hidden_dim", self.mask_hidden_dim, 1)
+        check_widths("mlp_dims", self.mlp_dims, non_empty=True)
+        if self.mlp_dims[-1] != self.output_dim:
+            raise ValueError(
+                f"mlp_dims: must end with output_dim={self.output_dim}, got {self.mlp_dims}"
+            )
+        check_dropout(self.dropout)
+
+    def build(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        *,
+        name: str,
+        device: Optional[torch.device],
+        pair_hash: Optional[PairHashConfig] = None,
+    ) -> MaskNetExpert:
+        return MaskNetExpert(
+            num_fields,
+            embedding_dim,
+            mode=self.mode,
+            num_blocks=self.num_mask_blocks,
+            block_dim=self.mask_block_dim,
+            mask_hidden_dim=self.mask_hidden_dim,
+            mlp_dims=self.mlp_dims,
+            emb_layernorm=self.emb_layernorm,
+            dropout=self.dropout,
+            device=device,
+        )

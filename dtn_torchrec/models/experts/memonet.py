@@ -7,6 +7,7 @@ like any other table (table/row/column-wise; not data-parallel on CPU).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import List, Optional
 
@@ -15,8 +16,10 @@ from torch import nn
 from torchrec.modules import embedding_configs
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from dtn_torchrec.dataclass_config import check_at_least, check_one_of
+from dtn_torchrec.models.experts.config import EXPERTS, ExpertConfig
 from dtn_torchrec.models.experts.layers import Dense
-from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY, field_pairs
+from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY, PairHashConfig, field_pairs
 from dtn_torchrec.models.types import ExpertInputs
 
 # Reference codebook init: RandomNormal(0, 0.01).
@@ -142,3 +145,77 @@ class MemoNetExpert(nn.Module):
         if self.shrink is not None:
             z = self.shrink(inputs.fields, z)
         return self.projection(torch.cat([inputs.fields.flatten(1), z.flatten(1)], dim=1))
+
+
+@EXPERTS.register("memonet")
+@dataclass
+class MemoNetConfig(ExpertConfig):
+    """``kind: memonet``: :class:`MemoNetExpert`.
+
+    Every MemoNet expert of a model shares one pair hashing (``fields``, ``num_hash``,
+    ``num_buckets``): the pair ids are computed once per batch.
+
+    Args:
+        output_dim (int): ``H``. Default: 256.
+        fields (Optional[List[str]]): the crossed fields, in hashing order; each must be
+            single-valued in the dataset (MemoNet crosses one id per field). None = every
+            single-valued schema field; the shipped configs pin them.
+        num_buckets (int): codebook rows. Default: 100000.
+        num_hash (int): hash functions per pair. Default: 2.
+        codeword_dim (Optional[int]): codeword width; None = the embedding dim.
+        shrink (str): ``none`` (reference: keep all pair vectors) or ``gas`` (global attentive
+            shrinking to one vector per crossed field).
+    """
+
+    fields: Optional[List[str]] = None
+    num_buckets: int = 100000
+    num_hash: int = 2
+    codeword_dim: Optional[int] = None
+    shrink: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fields is not None:
+            if len(self.fields) < 2:
+                raise ValueError(f"fields: MemoNet crosses at least 2 fields, got {self.fields}")
+            if len(set(self.fields)) != len(self.fields):
+                raise ValueError(f"fields: duplicate names in {self.fields}")
+        check_at_least("num_buckets", self.num_buckets, 1)
+        check_at_least("num_hash", self.num_hash, 1)
+        if self.codeword_dim is not None:
+            check_at_least("codeword_dim", self.codeword_dim, 1)
+        check_one_of("shrink", self.shrink, ("none", "gas"))
+
+    def build(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        *,
+        name: str,
+        device: Optional[torch.device],
+        pair_hash: Optional[PairHashConfig] = None,
+    ) -> MemoNetExpert:
+        if pair_hash is None or pair_hash.fields is None:
+            raise ValueError(f"expert {name!r}: a MemoNet expert needs the resolved pair hashing")
+        if (pair_hash.num_hash, pair_hash.num_buckets) != (self.num_hash, self.num_buckets):
+            raise ValueError(
+                f"expert {name!r}: num_hash/num_buckets {self.num_hash}/{self.num_buckets} differ "
+                f"from the sparse arch's pair hashing {pair_hash.num_hash}/{pair_hash.num_buckets}"
+            )
+        if self.fields is not None and list(self.fields) != pair_hash.fields:
+            raise ValueError(
+                f"expert {name!r}: fields {self.fields} differ from the sparse arch's pair "
+                f"hashing fields {pair_hash.fields}"
+            )
+        return MemoNetExpert(
+            num_fields,
+            embedding_dim,
+            num_crossed_fields=len(pair_hash.fields),
+            num_hash=self.num_hash,
+            num_buckets=self.num_buckets,
+            codeword_dim=self.codeword_dim or embedding_dim,
+            output_dim=self.output_dim,
+            shrink=self.shrink,
+            name=name,
+            device=device,
+        )

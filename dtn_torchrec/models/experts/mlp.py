@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from torch import nn
 
+from dtn_torchrec.dataclass_config import check_widths
+from dtn_torchrec.models.experts.config import EXPERTS, ExpertConfig, check_dropout
 from dtn_torchrec.models.experts.layers import DenseStack
+from dtn_torchrec.models.pair_hash import PairHashConfig
 from dtn_torchrec.models.types import ExpertInputs
 
 
@@ -43,3 +47,40 @@ class MLPExpert(nn.Module):
     def forward(self, inputs: ExpertInputs) -> torch.Tensor:
         """Args: inputs: ``flat [B, F*D]`` is read. Returns: ``[B, H]``."""
         return self.mlp(inputs.flat)
+
+
+@EXPERTS.register("mlp")
+@dataclass
+class MLPConfig(ExpertConfig):
+    """``kind: mlp``: :class:`MLPExpert` on the flat embedding.
+
+    Args:
+        output_dim (int): ``H``. Default: 256.
+        hidden_dims (List[int]): hidden widths (at least one). Default: [256].
+        dropout (float): dropout after each ReLU. Default: 0.
+    """
+
+    hidden_dims: List[int] = field(default_factory=lambda: [256])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_widths("hidden_dims", self.hidden_dims, non_empty=True)
+        check_dropout(self.dropout)
+
+    def build(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        *,
+        name: str,
+        device: Optional[torch.device],
+        pair_hash: Optional[PairHashConfig] = None,
+    ) -> MLPExpert:
+        return MLPExpert(
+            num_fields * embedding_dim,
+            self.hidden_dims,
+            self.output_dim,
+            dropout=self.dropout,
+            device=device,
+        )

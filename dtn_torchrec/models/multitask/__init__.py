@@ -1,8 +1,24 @@
-"""Multi-task architectures: ``ExpertInputs`` -> per-task logits ``[B, T]``."""
+"""Multi-task architectures: ``ExpertInputs`` -> per-task logits ``[B, T]``.
 
-from dtn_torchrec.models.multitask.dtn import DTN
-from dtn_torchrec.models.multitask.mmoe import MMoE
-from dtn_torchrec.models.multitask.ple import PLE
-from dtn_torchrec.models.multitask.shared_bottom import SharedBottom
+Importing this package registers every architecture's config in :data:`ARCHITECTURES`.
+"""
 
-__all__ = ["DTN", "MMoE", "PLE", "SharedBottom"]
+from dtn_torchrec.models.multitask.config import ARCHITECTURES, ArchitectureConfig, TowerConfig
+from dtn_torchrec.models.multitask.dtn import DTN, DTNConfig
+from dtn_torchrec.models.multitask.mmoe import MMoE, MMoEConfig
+from dtn_torchrec.models.multitask.ple import PLE, PLEConfig
+from dtn_torchrec.models.multitask.shared_bottom import SharedBottom, SharedBottomConfig
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchitectureConfig",
+    "DTN",
+    "DTNConfig",
+    "MMoE",
+    "MMoEConfig",
+    "PLE",
+    "PLEConfig",
+    "SharedBottom",
+    "SharedBottomConfig",
+    "TowerConfig",
+]

@@ -14,12 +14,25 @@ gates; the Task-Sensitive Network (TSN) multiplies the modules of an earlier tas
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from dtn_torchrec.models.config import DTNConfig, TowerConfig
+from dtn_torchrec.dataclass_config import check_at_least, check_one_of
+from dtn_torchrec.models.experts import (
+    ExpertConfig,
+    GDCNConfig,
+    MaskNetConfig,
+    MemoNetConfig,
+)
+from dtn_torchrec.models.multitask.config import (
+    ARCHITECTURES,
+    GATE_ACTIVATIONS,
+    ArchitectureConfig,
+    TowerConfig,
+)
 from dtn_torchrec.models.multitask.expert_group import ExpertFactory, ExpertGroup, check_task_names
 from dtn_torchrec.models.multitask.gates import ExpertOutputGate, InputGate, weighted_sum
 from dtn_torchrec.models.multitask.towers import build_towers
@@ -118,3 +131,53 @@ class DTN(nn.Module):
                 )
             logits[task] = self.towers[task](h)
         return torch.cat([logits[t] for t in self._tasks], dim=1)
+
+
+def _reference_methods() -> List[ExpertConfig]:
+    return [MaskNetConfig(), MemoNetConfig(), GDCNConfig()]
+
+
+@ARCHITECTURES.register("dtn")
+@dataclass
+class DTNConfig(ArchitectureConfig):
+    """``name: dtn``: :class:`DTN`.
+
+    Args:
+        variant (str): ``reference`` (authors' code: per-module output gates, two softmaxes,
+            sum) or ``paper`` (the figure: input-driven gates, concat of own and other + shared).
+        methods (List[ExpertConfig]): the interaction methods of every group (each task and
+            shared). Default: MaskNet, MemoNet, GDCN with reference settings.
+        modules_per_method (int): ``J``, modules per method and group. Default: 1 (reference).
+        tsn (Dict[str, List[str]]): task -> earlier tasks whose modules it sees multiplied by
+            their stop-gradient probability, e.g. ``{conversion: [click]}`` or a chain
+            ``{atc: [click], purchase: [atc]}``. Default: ``{conversion: [click]}`` (reference).
+        gate_activation (str): on gate logits before the softmax; ``relu`` (reference) or
+            ``none``.
+    """
+
+    variant: str = "reference"
+    methods: List[ExpertConfig] = field(default_factory=_reference_methods)
+    modules_per_method: int = 1
+    tsn: Dict[str, List[str]] = field(default_factory=lambda: {"conversion": ["click"]})
+    gate_activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        check_one_of("variant", self.variant, ("reference", "paper"))
+        if not self.methods:
+            raise ValueError("methods: must list at least one interaction method")
+        check_at_least("modules_per_method", self.modules_per_method, 1)
+        check_one_of("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
+
+    def expert_configs(self) -> List[ExpertConfig]:
+        return list(self.methods)
+
+    def build(
+        self,
+        tasks: List[str],
+        num_fields: int,
+        embedding_dim: int,
+        tower: TowerConfig,
+        factory: ExpertFactory,
+        device: Optional[torch.device] = None,
+    ) -> DTN:
+        return DTN(self, tasks, num_fields, embedding_dim, tower, factory, device=device)

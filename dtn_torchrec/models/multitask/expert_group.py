@@ -11,7 +11,8 @@ from dtn_torchrec.models.experts import ExpertConfig
 from dtn_torchrec.models.types import ExpertInputs
 
 # (config, unique name, num_fields, embedding_dim) -> expert module with ``.output_dim`` whose
-# forward maps ExpertInputs to [B, output_dim]. The builder binds ``build_expert`` and the device.
+# forward maps ExpertInputs to [B, output_dim]. The builder binds ``ExpertConfig.build``, the
+# device and the pair hashing.
 ExpertFactory = Callable[[ExpertConfig, str, int, int], nn.Module]
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from dtn_torchrec.models.config import PLEConfig, TowerConfig
+from dtn_torchrec.dataclass_config import check_at_least, check_one_of
+from dtn_torchrec.models.experts import ExpertConfig, MLPConfig
+from dtn_torchrec.models.multitask.config import (
+    ARCHITECTURES,
+    GATE_ACTIVATIONS,
+    ArchitectureConfig,
+    TowerConfig,
+)
 from dtn_torchrec.models.multitask.expert_group import (
     ExpertFactory,
     ExpertGroup,
@@ -127,3 +135,44 @@ class PLE(nn.Module):
                 )
                 task_inputs = {t: dense_expert_inputs(task_outputs[t]) for t in self._tasks}
         return torch.cat([self.towers[t](task_outputs[t]) for t in self._tasks], dim=1)
+
+
+@ARCHITECTURES.register("ple")
+@dataclass
+class PLEConfig(ArchitectureConfig):
+    """``name: ple``: :class:`PLE`.
+
+    Args:
+        num_levels (int): stacked CGC levels. Default: 2 (reference).
+        task_experts (int): task-specific experts per task and level. Default: 3.
+        shared_experts (int): shared experts per level. Default: 2.
+        expert (ExpertConfig): every expert's config (levels above the first read a ``[B, H]``
+            vector). Default: an MLP expert.
+        gate_activation (str): ``none`` (PLE paper) or ``relu`` (reference TF baseline).
+    """
+
+    num_levels: int = 2
+    task_experts: int = 3
+    shared_experts: int = 2
+    expert: ExpertConfig = field(default_factory=MLPConfig)
+    gate_activation: str = "none"
+
+    def __post_init__(self) -> None:
+        check_at_least("num_levels", self.num_levels, 1)
+        check_at_least("task_experts", self.task_experts, 1)
+        check_at_least("shared_experts", self.shared_experts, 1)
+        check_one_of("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
+
+    def expert_configs(self) -> List[ExpertConfig]:
+        return [self.expert]
+
+    def build(
+        self,
+        tasks: List[str],
+        num_fields: int,
+        embedding_dim: int,
+        tower: TowerConfig,
+        factory: ExpertFactory,
+        device: Optional[torch.device] = None,
+    ) -> PLE:
+        return PLE(self, tasks, num_fields, embedding_dim, tower, factory, device=device)

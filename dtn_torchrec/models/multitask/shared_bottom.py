@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from torch import nn
 
-from dtn_torchrec.models.config import SharedBottomConfig, TowerConfig
+from dtn_torchrec.models.experts import ExpertConfig, MLPConfig
+from dtn_torchrec.models.multitask.config import ARCHITECTURES, ArchitectureConfig, TowerConfig
 from dtn_torchrec.models.multitask.expert_group import ExpertFactory, check_task_names
 from dtn_torchrec.models.multitask.towers import build_towers
 from dtn_torchrec.models.types import ExpertInputs
@@ -51,3 +53,29 @@ class SharedBottom(nn.Module):
     def forward(self, inputs: ExpertInputs) -> torch.Tensor:
         h = self.bottom(inputs)
         return torch.cat([self.towers[task](h) for task in self._tasks], dim=1)
+
+
+@ARCHITECTURES.register("shared_bottom")
+@dataclass
+class SharedBottomConfig(ArchitectureConfig):
+    """``name: shared_bottom``: :class:`SharedBottom`.
+
+    Args:
+        expert (ExpertConfig): the bottom shared by every task. Default: an MLP expert.
+    """
+
+    expert: ExpertConfig = field(default_factory=MLPConfig)
+
+    def expert_configs(self) -> List[ExpertConfig]:
+        return [self.expert]
+
+    def build(
+        self,
+        tasks: List[str],
+        num_fields: int,
+        embedding_dim: int,
+        tower: TowerConfig,
+        factory: ExpertFactory,
+        device: Optional[torch.device] = None,
+    ) -> SharedBottom:
+        return SharedBottom(self, tasks, num_fields, embedding_dim, tower, factory, device=device)

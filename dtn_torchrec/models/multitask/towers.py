@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from dtn_torchrec.models.config import TowerConfig
+from dtn_torchrec.models.multitask.config import TowerConfig
 from dtn_torchrec.models.experts.layers import Dense
 
 TOWER_ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {

@@ -1,0 +1,114 @@
+"""Row 0 of every field table (missing / out-of-vocabulary ids) in the sharded model: zero at the
+start, still zero after training on in-vocabulary ids, so an unseen id scores exactly like a
+missing one before and after training; trained like any row once training ids map to it."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import pytest
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dtn_torchrec.data.batch import Batch
+from dtn_torchrec.distributed.config import DenseOptimizerConfig
+from dtn_torchrec.distributed.optimizers import build_dense_optimizer
+from single_rank import (  # noqa: F401 - one_rank_group is a fixture
+    SCHEMA,
+    one_rank_group,
+    random_batch,
+    sharded_train_model,
+)
+
+Lists = Dict[str, List[List[int]]]
+
+
+def row_zero_of_tables(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Field table -> its row 0 (from the shard that holds global row 0)."""
+    rows = {}
+    for key, value in model.state_dict().items():
+        if ".embedding_bags.t_" not in key:
+            continue
+        if isinstance(value, ShardedTensor):
+            shards = [s for s in value.local_shards() if s.metadata.shard_offsets[0] == 0]
+            rows[key] = torch.cat([s.tensor[0] for s in shards])  # column shards side by side
+        else:
+            rows[key] = value[0]
+    assert len(rows) == len(SCHEMA.fields)
+    return rows
+
+
+def as_lists(batch: Batch) -> Lists:
+    by_key = batch.sparse_features.to_dict()
+    return {
+        k: [row.tolist() for row in torch.split(jt.values(), jt.lengths().tolist())]
+        for k, jt in by_key.items()
+    }
+
+
+def from_lists(lists: Lists, template: Batch) -> Batch:
+    keys = SCHEMA.field_names
+    values = [v for k in keys for row in lists[k] for v in row]
+    lengths = [len(row) for k in keys for row in lists[k]]
+    features = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor(values, dtype=torch.long),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+    )
+    return Batch(features, template.labels, template.sample_ids)
+
+
+def unseen_and_missing(batch: Batch) -> List[Batch]:
+    """The batch with rows 0-3 of "u" and "hist" holding id 0, and with them empty."""
+    unseen, missing = as_lists(batch), as_lists(batch)
+    for field in ("u", "hist"):
+        for row in range(4):
+            unseen[field][row] = [0]
+            missing[field][row] = []
+    return [from_lists(unseen, batch), from_lists(missing, batch)]
+
+
+def scores(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        _, (_, logits, _) = model(batch)
+    model.train()
+    return logits
+
+
+def train_steps(model: torch.nn.Module, batches: List[Batch]) -> None:
+    optimizer = build_dense_optimizer(model, DenseOptimizerConfig()).optimizer
+    for batch in batches:
+        optimizer.zero_grad()
+        loss, _ = model(batch)
+        loss.backward()  # the fused sparse optimizer updates the looked-up rows here
+        optimizer.step()
+
+
+@pytest.mark.slow
+def test_unseen_ids_score_like_missing_ones_before_and_after_training(one_rank_group) -> None:
+    model = sharded_train_model("dtn")
+    for key, row in row_zero_of_tables(model).items():
+        assert torch.equal(row, torch.zeros_like(row)), key
+    unseen, missing = unseen_and_missing(random_batch(100))
+    torch.testing.assert_close(scores(model, unseen), scores(model, missing))
+
+    train_steps(model, [random_batch(seed) for seed in range(3)])  # ids >= 1 only
+    for key, row in row_zero_of_tables(model).items():
+        assert torch.equal(row, torch.zeros_like(row)), key
+    after = scores(model, unseen)
+    torch.testing.assert_close(after, scores(model, missing))
+    assert not torch.allclose(after, scores(sharded_train_model("dtn"), unseen))  # it trained
+
+
+@pytest.mark.slow
+def test_row_zero_is_trained_when_training_ids_map_to_it(one_rank_group) -> None:
+    model = sharded_train_model("dtn")
+    unseen, _ = unseen_and_missing(random_batch(100))
+    train_steps(model, [unseen])
+    rows = row_zero_of_tables(model)
+    looked_up = [k for k in rows if ".t_u." in k or ".t_hist." in k]
+    assert len(looked_up) == 2 and all(bool(rows[k].abs().sum() > 0) for k in looked_up)
+    untouched = [k for k in rows if k not in looked_up]
+    assert all(torch.equal(rows[k], torch.zeros_like(rows[k])) for k in untouched)
