@@ -6,7 +6,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.batch import Batch
-from dtn_torchrec.train.loop import one_empty_row
+from dtn_torchrec.train.evaluation import one_empty_row
 
 
 def _empty_batch(with_weights: bool) -> Batch:

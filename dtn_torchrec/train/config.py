@@ -77,6 +77,38 @@ class DataConfig:
             raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
 
 
+# Metrics a checkpoint can be selected by (keys of ``metrics.task_metrics``).
+SELECT_METRICS = ("auc", "logloss", "ne", "calibration")
+
+
+@dataclass
+class SelectConfig:
+    """Which evaluation is the best, and when to stop looking for a better one.
+
+    Every evaluation of ``data.valid_split`` scores the model; the best one's checkpoint is kept
+    and its metrics (all splits) are what ``summary.json`` reports. The test split is never used
+    to select.
+
+    Args:
+        metric: one of :data:`SELECT_METRICS`.
+        task: a task name, or ``mean``: the mean of ``metric`` over all tasks.
+        mode: ``max`` (higher is better, e.g. ``auc``) or ``min`` (e.g. ``logloss``).
+        patience: stop training after this many evaluations in a row without improvement;
+            None = run all epochs.
+    """
+
+    metric: str = "auc"
+    task: str = "mean"
+    mode: Literal["max", "min"] = "max"
+    patience: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in SELECT_METRICS:
+            raise ValueError(f"metric must be one of {list(SELECT_METRICS)}, got {self.metric!r}")
+        if self.patience is not None:
+            _check_positive("patience", self.patience)
+
+
 @dataclass
 class TrainConfig:
     """The training loop.
@@ -96,6 +128,7 @@ class TrainConfig:
             ``--resume`` and by a torchrun/TorchX restart).
         sparse_optimizer: the fused optimizer applied to embedding tables in backward.
         dense_optimizer: the optimizer of the dense (DDP) parameters.
+        select: which evaluation's checkpoint the run returns, and early stopping.
     """
 
     epochs: int = 1
@@ -108,6 +141,7 @@ class TrainConfig:
     resume: bool = False
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
     dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     def __post_init__(self) -> None:
         _check_positive("epochs", self.epochs)
@@ -174,6 +208,12 @@ def run_config_from_dict(raw: Dict[str, Any]) -> RunConfig:
             section.validate()
         except ValueError as e:
             raise ConfigError(f"{prefix}{e}") from e
+    select_task = cfg.train.select.task
+    if select_task != "mean" and select_task not in cfg.model.tasks:
+        raise ConfigError(
+            f"train.select.task: {select_task!r} is neither 'mean' nor one of model.tasks "
+            f"{list(cfg.model.tasks)}"
+        )
     return cfg
 
 

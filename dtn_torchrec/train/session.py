@@ -29,8 +29,11 @@ from dtn_torchrec.distributed.planning import format_plan, plan_model, plan_to_j
 from dtn_torchrec.distributed.topology import topology_from_env
 from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.train.config import RunConfig, run_config_to_dict
-from dtn_torchrec.train.loop import RANK_LOCAL_KEYS, Trainer
+from dtn_torchrec.train.checkpointing import RANK_LOCAL_KEYS, TrainCheckpointer
+from dtn_torchrec.train.evaluation import Evaluator
+from dtn_torchrec.train.loop import Trainer
 from dtn_torchrec.train.progress import ProgressReporter
+from dtn_torchrec.train.steps import StepRunner
 from dtn_torchrec.train.summary import SUMMARY_FILE, build_summary
 
 CHECKPOINT_DIR = "checkpoints"
@@ -113,19 +116,19 @@ def run_training(cfg: RunConfig, ctx: DistributedContext, *, resume: bool) -> Di
     reporter = ProgressReporter(
         active=is_rank0, tensorboard_dir=out_dir / "tb" if cfg.output.tensorboard else None
     )
+    runner = StepRunner(
+        model, optimizers.optimizer, optimizers.scheduler, ctx.device, cfg.train.pipeline
+    )
     trainer = Trainer(
-        model=model,
-        optimizer=optimizers.optimizer,
-        lr_scheduler=optimizers.scheduler,
-        train_reader=train_reader,
-        eval_readers=eval_readers,
-        task_names=cfg.model.tasks,
         cfg=cfg.train,
-        device=ctx.device,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
+        runner=runner,
+        train_reader=train_reader,
+        evaluator=Evaluator(runner, eval_readers, cfg.model.tasks),
+        valid_split=cfg.data.valid_split if cfg.data.valid_split in eval_readers else None,
         reporter=reporter,
-        checkpoints=checkpoints,
+        checkpointer=TrainCheckpointer(
+            checkpoints, runner, train_reader, ctx.world_size, reporter.message
+        ),
     )
     if resume and trainer.restore_latest():
         start = f"[resume] from checkpoint step {trainer.state.step} (epoch {trainer.state.epoch})"
@@ -142,7 +145,10 @@ def run_training(cfg: RunConfig, ctx: DistributedContext, *, resume: bool) -> Di
         reporter.close()
 
     summary = build_summary(
-        final_metrics=result.final_metrics,
+        selection=result.selection,
+        select=cfg.train.select,
+        valid_split=trainer.valid_split,
+        stopped_early=result.stopped_early,
         train_samples=result.train_samples,
         train_seconds=result.train_seconds,
         world_size=ctx.world_size,
