@@ -14,11 +14,11 @@ import torch.multiprocessing as mp
 from dist_utils import free_port
 from dtn_torchrec.train.metrics import (
     EvalAccumulator,
-    all_gather_rows,
     bernoulli_entropy,
     binary_auc,
     binary_logloss,
     compute_task_metrics,
+    gather_rows,
 )
 
 
@@ -111,30 +111,45 @@ def test_accumulator_single_process_equals_direct() -> None:
     assert binary_logloss(logits[:, 0], labels[:, 0]) == acc.compute()["a"]["logloss"]
 
 
+ROWS_PER_RANK = [3, 0, 5]  # uneven and empty shards
+
+
+def _rank_rows(rank: int) -> torch.Tensor:
+    """Rank ``rank``'s ``[n, 4]`` rows: two logit columns, two 0/1 label columns (with ties)."""
+    g = torch.Generator().manual_seed(rank)
+    n = ROWS_PER_RANK[rank]
+    logits = torch.randint(-2, 3, (n, 2), generator=g).float() / 2
+    return torch.cat([logits, (torch.rand(n, 2, generator=g) < 0.5).float()], dim=1)
+
+
 def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
-    # rank 0 has 3 rows, rank 1 none, rank 2 five: uneven and empty shards
-    sizes = [3, 0, 5]
-    local = torch.arange(sizes[rank] * 2, dtype=torch.float32).reshape(-1, 2) + 100 * rank
-    gathered = all_gather_rows(local)
-    torch.save(gathered, os.path.join(out_dir, f"rank{rank}.pt"))
+    local = _rank_rows(rank)
+    gathered = gather_rows(local)
+    acc = EvalAccumulator(["click", "conversion"])
+    acc.update(local[:, :2], local[:, 2:])
+    result = {"gathered": gathered, "metrics": acc.compute()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_all_gather_rows_uneven_and_empty_shards() -> None:
-    world_size = 3
+def test_rows_gathered_on_first_rank_only_and_metrics_equal_on_every_rank() -> None:
+    world_size = len(ROWS_PER_RANK)
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(
             _gather_worker, args=(world_size, free_port(), d), nprocs=world_size,
             start_method="forkserver",
         )
-        expected = torch.cat(
-            [torch.arange(n * 2, dtype=torch.float32).reshape(-1, 2) + 100 * r
-             for r, n in enumerate([3, 0, 5])]
-        )
-        for r in range(world_size):
-            assert torch.equal(torch.load(os.path.join(d, f"rank{r}.pt")), expected)
+        results = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world_size)]
+    every_row = torch.cat([_rank_rows(r) for r in range(world_size)])
+    assert torch.equal(results[0]["gathered"], every_row)
+    assert all(r["gathered"] is None for r in results[1:])
+    expected = compute_task_metrics(every_row[:, :2], every_row[:, 2:], ["click", "conversion"])
+    assert "cvr_auc" in expected["conversion"]
+    for r in results:
+        assert r["metrics"] == expected
+        assert isinstance(r["metrics"]["click"]["rows"], int)

@@ -1,8 +1,9 @@
 """Per-task evaluation metrics over the whole evaluation split, exact and rank-independent.
 
-Every rank scores its own shard of the split; :func:`all_gather_rows` collects the logits and labels
-of all ranks so each rank holds the full ``[N, T]`` tensors, and :func:`compute_task_metrics` then
-computes, per task:
+Every rank scores its own shard of the split; :func:`gather_rows` collects the logits and labels
+of all ranks on the first rank only, which computes the metrics on its device with
+:func:`compute_task_metrics` and broadcasts the numbers (:func:`broadcast_metrics`), so every rank
+returns the same result without holding every row. Per task:
 
 * ``auc``: exact ROC AUC by the rank-sum (Mann-Whitney) statistic, tied scores sharing their
   average rank. ``torchrec.metrics`` AUC sorts without grouping ties (the result then depends on
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 DEFAULT_PARENT_TASKS: Dict[str, str] = {"conversion": "click", "purchase": "click"}
 
 MetricValue = Optional[float]
+# Metrics that are row counts (ints); every other metric is a float.
+_COUNTS = ("rows", "positives", "cvr_rows")
 
 
 def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> MetricValue:
@@ -61,7 +64,7 @@ def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> MetricValue:
     # start_g + (count_g + 1) / 2; doubled to stay in exact int64 arithmetic.
     starts = torch.cumsum(counts, 0) - counts
     doubled_avg_rank = 2 * starts + counts + 1
-    group_of_row = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    group_of_row = torch.repeat_interleave(counts)  # [N]: the tie group of each sorted row
     doubled_rank_sum = int(doubled_avg_rank[group_of_row][sorted_positive].sum())
     # Mann-Whitney U = rank_sum_pos - n_pos (n_pos + 1) / 2; AUC = U / (n_pos n_neg).
     doubled_u = doubled_rank_sum - n_pos * (n_pos + 1)
@@ -158,16 +161,18 @@ def compute_task_metrics(
     return results
 
 
-def all_gather_rows(
+def gather_rows(
     local: torch.Tensor, process_group: Optional[dist.ProcessGroup] = None
-) -> torch.Tensor:
-    """Concatenates every rank's ``[n_r, C]`` rows (n_r may differ, may be 0) in rank order.
+) -> Optional[torch.Tensor]:
+    """Concatenates every rank's ``[n_r, C]`` rows (n_r may differ, may be 0) in rank order on the
+    group's first rank; the other ranks get None.
 
-    Returns ``local`` itself when torch.distributed is not initialised. The collective runs on
-    ``local``'s device (CPU for gloo, the rank's GPU for nccl).
+    Returns ``local`` itself when torch.distributed is not initialised. The collectives run on
+    ``local``'s device (CPU for gloo, the rank's GPU for nccl); only the row counts go to every
+    rank.
 
     Returns:
-        ``[sum_r n_r, C]`` on every rank.
+        ``[sum_r n_r, C]`` on the first rank of the group, None on the others.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return local
@@ -178,13 +183,55 @@ def all_gather_rows(
     sizes = [int(c) for c in counts]
     padded = local.new_zeros((max(sizes),) + tuple(local.shape[1:]))
     padded[: local.shape[0]] = local
+    first = _first_rank(process_group)
+    if dist.get_rank() != first:
+        dist.gather(padded, None, dst=first, group=process_group)
+        return None
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded, group=process_group)
+    dist.gather(padded, gathered, dst=first, group=process_group)
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0)
 
 
+def broadcast_metrics(
+    metrics: Dict[str, Dict[str, MetricValue]],
+    process_group: Optional[dist.ProcessGroup] = None,
+    device: Optional[torch.device] = None,
+) -> Dict[str, Dict[str, MetricValue]]:
+    """The first rank's metric values on every rank.
+
+    Every rank passes a dict of the same layout (tasks and metric names, e.g. from
+    :func:`compute_task_metrics` on zero rows); the values travel as one float64 tensor (None as
+    NaN; counts stay exact below 2**53), so no object is pickled.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return metrics
+    names = [(task, name) for task, values in metrics.items() for name in values]
+    values = torch.tensor(
+        [_as_float(metrics[task][name]) for task, name in names],
+        dtype=torch.float64,
+        device=device or torch.device("cpu"),
+    )
+    dist.broadcast(values, src=_first_rank(process_group), group=process_group)
+    result: Dict[str, Dict[str, MetricValue]] = {task: {} for task in metrics}
+    for (task, name), value in zip(names, values.tolist()):
+        result[task][name] = None if math.isnan(value) else int(value) if name in _COUNTS else value
+    return result
+
+
+def _as_float(value: MetricValue) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _first_rank(process_group: Optional[dist.ProcessGroup]) -> int:
+    """Global rank of the group's rank 0."""
+    if process_group is None:
+        return 0
+    return dist.get_global_rank(process_group, 0)
+
+
 class EvalAccumulator:
-    """Collects ``[B, T]`` logits and labels batch by batch on one rank, then all ranks' rows.
+    """Collects ``[B, T]`` logits and labels batch by batch on one rank (on their device), then
+    all ranks' rows on the first rank, which computes the metrics for every rank.
 
     Args:
         task_names: the T task names (label order of the schema).
@@ -218,17 +265,23 @@ class EvalAccumulator:
         process_group: Optional[dist.ProcessGroup] = None,
         device: Optional[torch.device] = None,
     ) -> Dict[str, Dict[str, MetricValue]]:
-        """Gathers the rows of every rank and computes the metrics (on every rank).
+        """Gathers the rows of every rank on the first rank, computes the metrics there and
+        returns them on every rank (collective: every rank must call it).
 
         Args:
             process_group: group to gather over; default the world.
-            device: device for the collective (the rank's GPU under nccl); default CPU.
+            device: device of the collectives and the computation (the rank's GPU under nccl);
+                default CPU.
         """
         t = len(self._task_names)
+        device = device or torch.device("cpu")
         local = torch.cat(
-            [torch.cat([lg, lb], dim=1) for lg, lb in zip(self._logits, self._labels)]
-            or [torch.zeros((0, 2 * t))],
+            [torch.cat([lg, lb], dim=1).to(device) for lg, lb in zip(self._logits, self._labels)]
+            or [torch.zeros((0, 2 * t), device=device)],
             dim=0,
         )
-        rows = all_gather_rows(local.to(device or torch.device("cpu")), process_group).cpu()
-        return compute_task_metrics(rows[:, :t], rows[:, t:], self._task_names, self._parent_tasks)
+        rows = gather_rows(local, process_group)
+        if rows is None:  # not the first rank: the same layout, values from the first rank
+            rows = local[:0]
+        metrics = compute_task_metrics(rows[:, :t], rows[:, t:], self._task_names, self._parent_tasks)
+        return broadcast_metrics(metrics, process_group, device)
