@@ -36,7 +36,7 @@ TRAIN_SPLIT = "train"
 _CLICK_RATE = 0.10
 _CONVERSION_GIVEN_CLICK = 0.20
 
-# Ali-CCP list lengths per row (aliccp-data.md 1.6): history fields (scaled by history_scale),
+# Ali-CCP list lengths per row (docs/data-formats.md): history fields (scaled by history_scale),
 # the item's intention nodes, and the combination fields present on part of the rows.
 _HISTORY_LENGTHS = {"109_14": (117, 138), "110_14": (342, 973), "127_14": (209, 587), "150_14": (191, 200)}
 _OTHER_LENGTHS = {"210": (3, 14), "853": (1, 6)}

@@ -286,7 +286,7 @@ def test_aliccp_default_pairs_are_the_17_single_valued_fields() -> None:
         labels=["click"],
     )
     cfg = PairHashConfig().resolve(schema)
-    # The reference's index order (dtn-model.md 1.6).
+    # The reference's index order (docs/model.md, MemoNet).
     assert cfg.fields == "101 121 122 124 125 126 127 128 129 205 206 207 216 508 509 702 301".split()
     assert cfg.num_pairs == 136
     arch = SparseArch(schema, EmbeddingConfig(embedding_dim=2), pair_hash=PairHashConfig())

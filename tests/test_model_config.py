@@ -57,7 +57,7 @@ PARAMETERS_BEFORE: Dict[str, tuple] = {
     "shared_bottom_aliccp": (43207536, 403426),
     "shared_bottom_demo": (43207536, 68770),
 }
-# The reference's crossed fields in its hashing order (dtn-model.md 1.6).
+# The reference's crossed fields in its hashing order (docs/model.md, MemoNet).
 REFERENCE_MEMONET_FIELDS = [
     "101",
     "121",

@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts against formulas written from dtn-model.md, and the CLI."""
+"""Parameter and FLOP counts against formulas written from docs/model.md, and the CLI."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ def test_reference_schema_sizes() -> None:
     schema = aliccp_reference_schema()
     assert schema.field_names == ALICCP_FIELDS
     assert schema.field("101").num_embeddings == 276_023  # vocab lines + the missing/OOV row
-    # MemoNet crosses the 17 single-valued fields (dtn-model.md 1.6)
+    # MemoNet crosses the 17 single-valued fields (docs/model.md, MemoNet)
     assert sum(1 for f in schema.fields if not f.multi_valued) == 17
 
 
 def test_dtn_reference_size_matches_dtn_model_md() -> None:
-    """Sizes of sections 1.2-1.7 of dtn-model.md, written out, against the built model."""
+    """The reference sizes of docs/model.md, written out, against the built model."""
     stats = model_stats(load_model_section(str(CONFIGS / "dtn_aliccp.yaml")), aliccp_reference_schema())
     d, h = 23 * 64, 256  # flat input 1472, module width 256
     gdcn = 2 * (2 * d * d + d) + (d * h + h)  # 2 gated cross layers (W_c + b_c, W_g no bias) + projection

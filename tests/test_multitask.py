@@ -248,7 +248,7 @@ def dtn_arch(tasks: List[str], tsn: Dict[str, List[str]], variant: str, j: int =
 
 
 def dtn_manual(arch: DTN, tasks: List[str], tsn: Dict[str, List[str]], variant: str, inputs: ExpertInputs):
-    """Direct recomputation of DTN (dtn-model.md 1.7 / the figure) from the parameters."""
+    """Direct recomputation of DTN (docs/model.md: reference / paper) from the parameters."""
     groups = {g: stack_group(arch.groups[g], inputs.flat) for g in tasks + ["shared"]}
     logits: Dict[str, torch.Tensor] = {}
     pending = list(tasks)

@@ -8,7 +8,7 @@ bag move together), averaged over ``repeats`` seeded permutations:
   under click, on the parent's positive rows; see ``train.metrics``),
 * ``logloss_increase = logloss_permuted - logloss``.
 
-DTN's motivation (dtn-model.md 1.1) is that these differ between tasks; per field the divergence
+DTN's motivation (docs/model.md, DTN) is that these differ between tasks; per field the divergence
 is reported as the spread over tasks of its *share* (``max(auc_drop, 0)`` over the task's sum)
 and of its *rank* (1 = most important for that task).
 """

@@ -27,7 +27,7 @@ SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 SAMPLE_ID_COLUMN = "sample_id"
 
-# Ali-CCP field order of the reference code (dtn-model.md 1.3).
+# Ali-CCP field order of the reference code (docs/data-formats.md, the 23 Ali-CCP fields).
 ALICCP_FIELDS: List[str] = [
     "101", "109_14", "110_14", "127_14", "150_14", "121", "122", "124", "125", "126", "127",
     "128", "129", "205", "206", "207", "210", "216", "508", "509", "702", "853", "301",

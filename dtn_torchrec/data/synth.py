@@ -3,7 +3,7 @@
 Output (``DIR``):
 
 * ``sample_skeleton_{train,test}.csv``, ``common_features_{train,test}.csv``: the Tianchi raw
-  layout (aliccp-data.md 1.4-1.5), 23 fields, raw ids inside each field's real id range,
+  layout (docs/data-formats.md), 23 fields, raw ids inside each field's real id range,
   skeleton rows grouped by user session (``rows_per_user`` rows per common key on average).
 * ``truth_{train,test}.parquet``: per row ``sample_id``, ``p_click``, ``p_conversion``
   (entire space, ``p_click * p_conversion_given_click``), ``p_conversion_given_click`` and
@@ -48,7 +48,7 @@ from dtn_torchrec.data.synth_world import (
 SPLITS: Tuple[str, ...] = ("train", "test")
 TRUTH_FILE = "truth.json"
 
-# Realism constants (aliccp-data.md 1.4-1.6).
+# Realism constants (docs/data-formats.md: raw layout, the 23 Ali-CCP fields).
 _SESSIONS_PER_CHUNK = 512
 _USER_ID_MISSING = 0.10                      # common rows without field 101
 _HISTORY_MISSING = 0.03                      # per history field and session

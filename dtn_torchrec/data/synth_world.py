@@ -17,7 +17,8 @@ import numpy as np
 
 from dtn_torchrec.data.schema import ALICCP_FIELDS
 
-# Raw feature-id range of every field, inclusive (min/max of the FDN vocab files, aliccp-data.md 1.6).
+# Raw feature-id range of every field, inclusive (min/max of the FDN vocab files; see
+# docs/data-formats.md, the 23 Ali-CCP fields).
 ALICCP_FIELD_ID_RANGES: Dict[str, Tuple[int, int]] = {
     "101": (1, 444_860),
     "109_14": (444_862, 457_384),
@@ -44,7 +45,7 @@ ALICCP_FIELD_ID_RANGES: Dict[str, Tuple[int, int]] = {
     "853": (10_000_020, 10_091_377),
 }
 
-# Distinct raw ids per field over train and test (aliccp-data.md 1.6). 110_14 and 205 have no
+# Distinct raw ids per field over train and test (docs/data-formats.md). 110_14 and 205 have no
 # published count: 110_14 (shop history) takes the item-shop count of 207, and 205 fills its
 # whole raw range (ESMM reports 4.3M items).
 ALICCP_FIELD_CARDINALITIES: Dict[str, int] = {

@@ -58,7 +58,7 @@ def shutdown_and_exit(code: int = 0) -> NoReturn:
     On success all ranks meet at a barrier first, so none tears down while another still talks
     to it. The process then ends through ``os._exit``: ranks that used the fused FBGEMM kernels
     sometimes abort with "terminate called without an active exception" during normal
-    interpreter exit (``torchrec-practice.md`` section 2.8), which turns a finished job into a
+    interpreter exit (``docs/sharding.md``, process exit), which turns a finished job into a
     failed one.
     """
     try:

@@ -2,7 +2,7 @@
 
 TorchRec's stock sharders decide which sharding types the planner may use on each device. On CPU
 (gloo) they are wrong in two places, both checked on the pinned stack
-(``torchrec-practice.md`` section 2.2):
+(``docs/sharding.md``, sharding types):
 
 * ``EmbeddingBagCollectionSharder`` offers ``row_wise`` / ``table_row_wise`` only on CUDA, yet
   both are exact on CPU + gloo (forward and fused update equal an unsharded model). We add them

@@ -1,6 +1,6 @@
 """MemoNet multi-hash addressing: hash every second-order field pair of a row into codebook ids.
 
-The reference (dtn-model.md 1.6) SipHashes the string ``"{i}_{v_i}_{j}_{v_j}"`` of each unordered
+The reference (docs/model.md, MemoNet) SipHashes the string ``"{i}_{v_i}_{j}_{v_j}"`` of each unordered
 field pair ``i < j`` with two keys. Any deterministic, well-mixed integer hash serves the same
 purpose, so this module mixes the integers ``(seed, i, v_i, j, v_j)`` with the SplitMix64
 finaliser in vectorised int64 arithmetic (no per-row Python). The ids are emitted as a

@@ -23,15 +23,15 @@ from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.config import ModelConfig
 
 # Ali-CCP table rows (id 0 = missing/OOV, so vocab lines + 1), from the reference vocab files
-# (aliccp-data.md 1.6). 110_14 and 205 have no vocab file there: 110_14 uses the user_shops
-# cardinality of Merlin's schema, 205 the item-id vocabulary of AITM (aliccp-data.md 2.1, 2.5).
+# (docs/data-formats.md, the 23 Ali-CCP fields). 110_14 and 205 have no vocab file there: 110_14
+# uses the user_shops cardinality of Merlin's schema, 205 the item-id vocabulary of AITM.
 ALICCP_VOCAB_LINES: Dict[str, int] = {
     "101": 276022, "109_14": 12126, "110_14": 116741, "127_14": 387969, "150_14": 99203,
     "121": 97, "122": 13, "124": 2, "125": 7, "126": 3, "127": 3, "128": 2, "129": 4,
     "205": 467298, "206": 8292, "207": 516905, "210": 98758, "216": 181697, "508": 7403,
     "509": 319982, "702": 123442, "853": 84476, "301": 3,
 }
-# Longest id list seen per multi-valued field (aliccp-data.md 1.6); every other field holds one id.
+# Longest id list seen per multi-valued field (docs/data-formats.md); every other field holds one.
 ALICCP_MAX_LENGTHS: Dict[str, int] = {
     "109_14": 138, "110_14": 973, "127_14": 587, "150_14": 200, "210": 14, "853": 6,
 }

@@ -1,4 +1,4 @@
-"""GDCN, the gated cross network (Wang et al., CIKM 2023; dtn-model.md 1.5 and 2.1)."""
+"""GDCN, the gated cross network (Wang et al., CIKM 2023; docs/model.md, GDCN)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MaskNet (Wang, She, Zhang, DLP-KDD 2021; dtn-model.md 1.4 and 2.2)."""
+"""MaskNet (Wang, She, Zhang, DLP-KDD 2021; docs/model.md, MaskNet)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MemoNet / HCNet (Zhang & Zhang, CIKM 2023; dtn-model.md 1.6 and 2.3).
+"""MemoNet / HCNet (Zhang & Zhang, CIKM 2023; docs/model.md, MemoNet).
 
 The codebook is a TorchRec ``EmbeddingCollection`` (one table, feature ``"memonet_pairs"``)
 addressed by the pair-hash ids the sparse arch computes, so ``DistributedModelParallel`` shards it

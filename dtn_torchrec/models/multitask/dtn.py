@@ -3,7 +3,7 @@
 Each task and a shared group own ``J`` feature-interaction modules per interaction method
 (e.g. MaskNet, MemoNet, GDCN). Task ``t`` fuses its own modules and the other + shared modules with
 gates; the Task-Sensitive Network (TSN) multiplies the modules of an earlier task ``s`` by
-``stop_gradient(p_s)`` before fusing. Two variants (dtn-model.md 1.7, 1.9):
+``stop_gradient(p_s)`` before fusing. Two variants (docs/model.md, DTN):
 
 * ``reference`` (the authors' TF code): per-module scalar gates ``a_k = act(w_k^T e_k + b_k)``
   read each module's output; own modules and other + shared modules are softmaxed separately and

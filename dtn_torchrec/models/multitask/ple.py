@@ -41,7 +41,7 @@ class PLE(nn.Module):
 
     and ``y_t`` / ``y_s`` are the next level's inputs. ``logit_t = Tower_t(y_t)`` of the last
     level. The softmaxes run over the expert axis (the reference TF code softmaxes an axis of size
-    1, which makes every gate weight 1; see dtn-model.md 2.4).
+    1, which makes every gate weight 1; see docs/model.md, Baselines).
 
     Args:
         config (PLEConfig): levels, experts per task and shared, expert kind, gate activation.
