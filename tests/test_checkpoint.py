@@ -271,10 +271,21 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
 
 
 def _complete(directory: Path, step: int, world_size: int = 2) -> None:
+    """An (empty) complete checkpoint: DCP metadata, run state per rank, meta.json last."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from dtn_torchrec.distributed.checkpoint_files import dumps_state, file_manifest
+
     path = directory / f"step_{step}"
     path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={})))
+    for rank in range(world_size):
+        (path / f"extra_rank{rank}.json").write_bytes(dumps_state({"extra": {}, "scheduler": None}))
+    files = file_manifest(path, skip="meta.json")
     (path / "meta.json").write_text(
-        json.dumps({"step": step, "world_size": world_size, "format": 2, "files": {}})
+        json.dumps({"step": step, "world_size": world_size, "format": 2, "files": files})
     )
 
 

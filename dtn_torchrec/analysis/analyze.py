@@ -16,7 +16,12 @@ from dtn_torchrec.analysis.report import write_report
 from dtn_torchrec.analysis.rows import EvalRows
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
-from dtn_torchrec.serving.loading import load_unsharded_model, model_schema, resolve_checkpoint
+from dtn_torchrec.serving.loading import (
+    check_run_config,
+    load_unsharded_model,
+    model_schema,
+    resolve_checkpoint,
+)
 from dtn_torchrec.atomic_files import claim_output_dir
 from dtn_torchrec.serving.output import staged_directory
 from dtn_torchrec.train.config import RunConfig
@@ -44,6 +49,7 @@ def analyze(
     importance: Optional[ImportanceConfig] = None,
     fields: Optional[List[str]] = None,
     overwrite: bool = False,
+    allow_config_change: bool = False,
 ) -> AnalysisOutcome:
     """Analyses the checkpoint on the first ``max_rows`` rows of ``split`` (one process).
 
@@ -62,11 +68,14 @@ def analyze(
         fields: fields to permute (default: every field).
         overwrite: replace an earlier ``dtn-analyze`` output at ``output`` (nothing else; the
             input, the checkpoint and the training data are always refused).
+        allow_config_change: analyse although the model config differs from the training
+            run's ``config.yaml`` (default: refuse, naming the keys).
 
     Raises:
         FileNotFoundError, FileExistsError, ValueError: before anything is written.
     """
     ref = resolve_checkpoint(checkpoint)
+    check_run_config(cfg, ref, allow_change=allow_config_change)
     protected = [input_dir, cfg.data.path, ref.path]
     claim_output_dir(output, tool=TOOL, overwrite=overwrite, protected=protected)
     data = SchemaSpec.load(input_dir)

@@ -24,7 +24,11 @@ from typing import List, NoReturn, Optional
 
 from dtn_torchrec.analysis.analyze import analyze
 from dtn_torchrec.analysis.importance import RANK_BY, ImportanceConfig
-from dtn_torchrec.cli.common import add_overrides_argument, fail
+from dtn_torchrec.cli.common import (
+    add_allow_config_change_argument,
+    add_overrides_argument,
+    fail,
+)
 from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
 from dtn_torchrec.train.config import ConfigError, load_run_config
 
@@ -74,13 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, help="rows per forward (default: data.eval_batch_size)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier dtn-analyze output (never anything else)",
+    )
+    add_allow_config_change_argument(parser)
     add_overrides_argument(parser)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         fail(PROG, 2, "dtn-analyze runs as one process, not under torchrun with several workers")
@@ -108,6 +117,7 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
             importance=importance,
             fields=args.fields,
             overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         fail(PROG, 1, str(e))

@@ -8,6 +8,7 @@ import sys
 from typing import NoReturn
 
 from dtn_torchrec.distributed.launch import shutdown_and_exit
+from dtn_torchrec.train.run_dir import ALLOW_CONFIG_CHANGE_FLAG
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, example: str = "") -> None:
@@ -17,6 +18,16 @@ def add_overrides_argument(parser: argparse.ArgumentParser, example: str = "") -
         nargs="*",
         metavar="dotted.key=value",
         help="config overrides, the value read as YAML" + (f" (e.g. {example})" if example else ""),
+    )
+
+
+def add_allow_config_change_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds the flag that accepts a model config differing from the run's ``config.yaml``."""
+    parser.add_argument(
+        ALLOW_CONFIG_CHANGE_FLAG,
+        action="store_true",
+        help="use the given model config although it differs from the run's config.yaml "
+        "(default: refuse, naming the differing keys)",
     )
 
 

@@ -31,10 +31,19 @@ from typing import List, NoReturn, Optional
 
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
-from dtn_torchrec.cli.common import add_overrides_argument, fail
+from dtn_torchrec.cli.common import (
+    add_allow_config_change_argument,
+    add_overrides_argument,
+    fail,
+)
 from dtn_torchrec.distributed.launch import DistributedContext, init_distributed, shutdown_and_exit
 from dtn_torchrec.serving.export import QUANTIZATIONS, export_model, report_path
-from dtn_torchrec.serving.loading import load_unsharded_model, model_schema, resolve_checkpoint
+from dtn_torchrec.serving.loading import (
+    check_run_config,
+    load_unsharded_model,
+    model_schema,
+    resolve_checkpoint,
+)
 from dtn_torchrec.serving.scoring import predict
 from dtn_torchrec.train.config import ConfigError, RunConfig, load_run_config
 
@@ -63,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, help="rows per batch and rank (default: data.eval_batch_size)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier dtn-predict output (never anything else)",
+    )
+    add_allow_config_change_argument(parser)
     parser.add_argument(
         "--export", metavar="PATH", help="write a TorchScript export instead of scoring"
     )
@@ -81,6 +95,7 @@ def _export(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Exports on this single process and prints the report's numbers."""
     data = SchemaSpec.load(args.input)
     ref = resolve_checkpoint(args.checkpoint)
+    check_run_config(cfg, ref, allow_change=args.allow_config_change)
     schema = model_schema(cfg, data, args.input)
     model = load_unsharded_model(cfg, schema, ref, args.input)
     batch_size = args.batch_size or cfg.eval_batch_size
@@ -124,6 +139,7 @@ def _score(cfg: RunConfig, args: argparse.Namespace, ctx: DistributedContext) ->
         split=args.split,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        allow_config_change=args.allow_config_change,
     )
     if ctx.rank != 0:
         return
@@ -137,7 +153,7 @@ def _score(cfg: RunConfig, args: argparse.Namespace, ctx: DistributedContext) ->
 
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if (args.output is None) == (args.export is None):
         fail(PROG, 2, "give exactly one of --output (score) and --export (export for serving)")

@@ -16,7 +16,11 @@ import logging
 import traceback
 from typing import List, NoReturn, Optional
 
-from dtn_torchrec.cli.common import add_overrides_argument, fail
+from dtn_torchrec.cli.common import (
+    add_allow_config_change_argument,
+    add_overrides_argument,
+    fail,
+)
 from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
 from dtn_torchrec.train.config import ConfigError, load_run_config
 from dtn_torchrec.train.session import restarted_by_launcher, run_training
@@ -38,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint in <output.dir>/checkpoints (same as "
         "train.resume=true)",
     )
+    add_allow_config_change_argument(parser)
     add_overrides_argument(parser, "train.max_steps=100 model.tower.hidden_dims=[64,32]")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    # Intermixed: overrides may come before and after --resume.
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_run_config(args.config, args.overrides)
@@ -52,7 +58,9 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
     resume = args.resume or cfg.train.resume or restarted_by_launcher()
     ctx = init_distributed()
     try:
-        run_training(cfg, ctx, resume=resume)
+        run_training(
+            cfg, ctx, resume=resume, allow_config_change=args.allow_config_change
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         fail(PROG, 1, f"rank {ctx.rank}: {e}")
     except Exception as e:  # noqa: BLE001 - report, then leave the job with a failure code

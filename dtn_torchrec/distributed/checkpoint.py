@@ -57,12 +57,15 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchrec.optim.keyed import KeyedOptimizer
 
 from dtn_torchrec.distributed.checkpoint_files import (
+    METADATA_FILE,
     CheckpointReader,
     CorruptCheckpointError,
     WeightsOnlyLoadPlanner,
     dumps_state,
+    failure_reason,
     file_manifest,
     loads_state,
+    read_metadata_file,
     verify_files,
 )
 
@@ -76,6 +79,22 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def _extra_file(rank: int) -> str:
     return f"extra_rank{rank}.json"
+
+
+def _read_payload(path: Path) -> Dict[str, Any]:
+    """A rank's ``{"extra", "scheduler"}`` file.
+
+    Raises:
+        CorruptCheckpointError: naming ``path``.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path}: unreadable ({e.strerror or e})") from e
+    payload = loads_state(data, path)
+    if not isinstance(payload.get("extra"), dict) or "scheduler" not in payload:
+        raise CorruptCheckpointError(f"{path}: no run state (extra, scheduler)")
+    return payload
 
 
 def _fsync_dir(path: Path) -> None:
@@ -201,15 +220,20 @@ class CheckpointManager:
         return None
 
     def verify(self, step: int) -> Dict[str, Any]:
-        """Checks checkpoint ``step``'s files against its ``meta.json``; returns the meta.
+        """Checks checkpoint ``step``'s files against its ``meta.json`` and decodes its metadata
+        and run state (safely: see ``checkpoint_files``); returns the meta. Tensor data is only
+        checked for its size here.
 
         Raises:
             FileNotFoundError: not a complete checkpoint.
-            CorruptCheckpointError: naming the missing, truncated or altered file.
+            CorruptCheckpointError: naming the missing, truncated, altered or unreadable file.
         """
         path = self.step_path(step)
         meta = self._read_meta(path)
         verify_files(path, meta["files"])
+        read_metadata_file(path / METADATA_FILE)
+        for rank in range(meta["world_size"]):
+            _read_payload(path / _extra_file(rank))
         return meta
 
     def saved_world_size(self, step: int) -> int:
@@ -382,8 +406,7 @@ class CheckpointManager:
         # DCP reports a failure on any rank as CheckpointException, a BaseException.
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path
             raise CorruptCheckpointError(
-                f"{path}: cannot load the checkpoint's tensors ({type(e).__name__}: "
-                f"{' '.join(str(e).split())[:300]})"
+                f"{path}: cannot load the checkpoint's tensors ({failure_reason(e)})"
             ) from e
         model.load_state_dict(state["model"])
         if optimizer is not None and optimizer_state is not None:
@@ -392,10 +415,7 @@ class CheckpointManager:
         saved_world_size = int(meta["world_size"])
         same_layout = saved_world_size == world_size
         source_rank = rank if same_layout else 0
-        extra_path = path / _extra_file(source_rank)
-        payload = loads_state(extra_path.read_bytes(), extra_path)
-        if not isinstance(payload.get("extra"), dict) or "scheduler" not in payload:
-            raise CorruptCheckpointError(f"{extra_path}: no run state (extra, scheduler)")
+        payload = _read_payload(path / _extra_file(source_rank))
         extra: Dict[str, Any] = dict(payload["extra"])
         if not same_layout:
             dropped = [key for key in self.rank_local_keys if key in extra]

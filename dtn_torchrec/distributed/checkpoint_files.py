@@ -30,6 +30,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -239,3 +240,12 @@ def verify_files(directory: Path, manifest: Mapping[str, Mapping[str, Any]]) -> 
 def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:200]}"
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line for a DCP failure: the first failed rank's exception, not DCP's tracebacks."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (cause, _) = next(iter(sorted(e.failures.items(), key=lambda kv: kv[0])))
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return f"rank {rank}: {type(cause).__name__}: {first_line[:200]}"
+    return _reason(e)

@@ -7,6 +7,9 @@ reshards) or into one unsharded CPU model (export, analysis).
 
 What is checked before any tensor is read (DCP's own errors name neither the field nor the cause):
 
+* the model config against the run's ``config.yaml`` (:func:`check_run_config`): a differing key
+  (``model.embedding.pooling``) would score with the same shapes and other numbers.
+
 * the dataset against the training dataset (``data.path`` of the config, when it is readable):
   same fields, same table sizes. The model is built from the *training* schema, because MemoNet's
   crossed fields come from its train-split statistics, which a scoring dataset does not share.
@@ -41,7 +44,7 @@ from dtn_torchrec.distributed.topology import topology_from_env
 from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.model import MultiTaskModel
 from dtn_torchrec.train.config import RunConfig
-from dtn_torchrec.train.session import CHECKPOINT_DIR
+from dtn_torchrec.train.run_dir import CHECKPOINT_DIR, check_model_config, run_dir_of_checkpoints
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -97,6 +100,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
         f"--checkpoint {p}: no complete checkpoint (expected a step_<n> directory, a checkpoint "
         f"directory holding them, or a dtn-train output.dir with {CHECKPOINT_DIR}/)"
     )
+
+
+def check_run_config(cfg: RunConfig, ref: CheckpointRef, *, allow_change: bool) -> None:
+    """Refuses a model config that differs from the training run's ``config.yaml`` (beside the
+    checkpoint directory), naming the differing keys; ``allow_change`` makes it a warning.
+
+    Raises:
+        RunMismatchError: a ValueError.
+    """
+    check_model_config(run_dir_of_checkpoints(ref.root), cfg, allow_change=allow_change)
 
 
 class InferenceModel(nn.Module):

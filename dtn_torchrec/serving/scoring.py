@@ -34,6 +34,7 @@ from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SAMPLE_ID_COLUMN, SchemaSpec
 from dtn_torchrec.distributed.launch import DistributedContext
 from dtn_torchrec.serving.loading import (
+    check_run_config,
     load_sharded_model,
     model_schema,
     resolve_checkpoint,
@@ -217,6 +218,7 @@ def predict(
     split: str = "test",
     batch_size: Optional[int] = None,
     overwrite: bool = False,
+    allow_config_change: bool = False,
 ) -> PredictionSummary:
     """Scores ``split`` of ``input_dir`` with the checkpoint; every rank of the job calls it.
 
@@ -231,6 +233,8 @@ def predict(
         overwrite: replace an earlier ``dtn-predict`` output at ``output`` (nothing else: see
             ``atomic_files.claim_output_dir``; the input, the checkpoint and the training data
             are always refused).
+        allow_config_change: score although the model config differs from the training run's
+            ``config.yaml`` (default: refuse, naming the keys).
 
     Raises:
         FileNotFoundError, FileExistsError (``OutputDirError``), ValueError (``SchemaMismatchError``,
@@ -243,6 +247,7 @@ def predict(
             f"{input_dir}/schema.json: no split {split!r} (splits: {sorted(data.splits)})"
         )
     ref = resolve_checkpoint(checkpoint)
+    check_run_config(cfg, ref, allow_change=allow_config_change)
     schema = model_schema(cfg, data, input_dir)
     tasks = list(cfg.model.tasks)
     labelled = [t for t in tasks if t in data.labels]

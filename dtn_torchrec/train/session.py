@@ -16,9 +16,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-
-from dtn_torchrec.atomic_files import write_json_atomic, write_text_atomic
+from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
@@ -29,6 +27,12 @@ from dtn_torchrec.distributed.planning import format_plan, plan_model, plan_to_j
 from dtn_torchrec.distributed.topology import topology_from_env
 from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.train.config import RunConfig, run_config_to_dict
+from dtn_torchrec.train.run_dir import (
+    CHECKPOINT_DIR,
+    check_dataset,
+    check_model_config,
+    write_run_record,
+)
 from dtn_torchrec.train.checkpointing import RANK_LOCAL_KEYS, TrainCheckpointer
 from dtn_torchrec.train.evaluation import Evaluator
 from dtn_torchrec.train.loop import Trainer
@@ -36,9 +40,7 @@ from dtn_torchrec.train.progress import ProgressReporter
 from dtn_torchrec.train.steps import StepRunner
 from dtn_torchrec.train.summary import SUMMARY_FILE, build_summary
 
-CHECKPOINT_DIR = "checkpoints"
 PLAN_FILE = "plan.json"
-CONFIG_FILE = "config.yaml"
 
 
 def seed_everything(seed: int) -> None:
@@ -53,7 +55,9 @@ def restarted_by_launcher() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-def run_training(cfg: RunConfig, ctx: DistributedContext, *, resume: bool) -> Dict[str, Any]:
+def run_training(
+    cfg: RunConfig, ctx: DistributedContext, *, resume: bool, allow_config_change: bool = False
+) -> Dict[str, Any]:
     """Trains, evaluates and checkpoints as ``cfg`` says; returns the summary (every rank).
 
     Args:
@@ -62,9 +66,12 @@ def run_training(cfg: RunConfig, ctx: DistributedContext, *, resume: bool) -> Di
         resume: continue from the latest checkpoint in ``<output.dir>/checkpoints`` (a fresh
             start if there is none). Without it an existing checkpoint is an error, so two runs
             never mix in one directory.
+        allow_config_change: resume although the model config differs from the run's
+            ``config.yaml`` (a warning names the keys).
 
     Raises:
-        ValueError: the dataset does not fit the config (splits, labels).
+        ValueError: the dataset does not fit the config (splits, labels); resuming with
+            another model config or dataset (``RunMismatchError``, before anything is written).
         FileExistsError: checkpoints exist and ``resume`` is False.
     """
     is_rank0 = ctx.rank == 0
@@ -83,11 +90,12 @@ def run_training(cfg: RunConfig, ctx: DistributedContext, *, resume: bool) -> Di
             f"{checkpoints.directory} already holds checkpoint step {latest}; pass --resume "
             "(or train.resume=true) to continue it, or choose another output.dir"
         )
+    if latest is not None:  # resuming: the run's model and dataset, checked before any write
+        check_model_config(out_dir, cfg, allow_change=allow_config_change)
+        check_dataset(out_dir, cfg.data.path, schema)
     if is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(
-            out_dir / CONFIG_FILE, yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False)
-        )
+        write_run_record(out_dir, cfg, schema)
 
     # Same seed on every rank for building the model (DDP broadcasts rank 0's dense weights
     # anyway); a per-rank seed afterwards so dropout masks differ between ranks.
