@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.models.embedding import SparseArch
 from dtn_torchrec.models.losses import MultiTaskLoss, ProductRelation
+from dtn_torchrec.models.multitask.precision import Precision, dense_autocast
 
 
 class MultiTaskModel(nn.Module):
@@ -21,6 +22,8 @@ class MultiTaskModel(nn.Module):
         dense_arch (nn.Module): ``ExpertInputs`` -> head logits ``[B, T]``.
         tasks (List[str]): task names, the output columns.
         relation (Optional[ProductRelation]): ESMM-style products of head probabilities, or None.
+        dense_precision (Precision): ``fp32``, or ``bf16`` autocast over ``dense_arch`` (its
+            logits come back as fp32; the embeddings and the relation stay fp32).
 
     Example::
 
@@ -34,16 +37,24 @@ class MultiTaskModel(nn.Module):
         dense_arch: nn.Module,
         tasks: List[str],
         relation: Optional[ProductRelation] = None,
+        dense_precision: Precision = "fp32",
     ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
         self.dense_arch = dense_arch
         self.relation = relation
         self.tasks: List[str] = list(tasks)
+        self.dense_precision: Precision = dense_precision
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: features: one KJT key per schema field. Returns: logits ``[B, T]`` in task order."""
-        logits = self.dense_arch(self.sparse_arch(features))
+        inputs = self.sparse_arch(features)
+        if self.dense_precision == "fp32":
+            logits = self.dense_arch(inputs)
+        else:
+            with dense_autocast(features.values().device.type, self.dense_precision):
+                logits = self.dense_arch(inputs)
+            logits = logits.float()
         if self.relation is not None:
             logits = self.relation(logits)
         return logits

@@ -129,6 +129,10 @@ class TrainConfig:
         sparse_optimizer: the fused optimizer applied to embedding tables in backward.
         dense_optimizer: the optimizer of the dense (DDP) parameters.
         select: which evaluation's checkpoint the run returns, and early stopping.
+        precision: arithmetic of the dense part (experts, gates, towers): ``fp32``; ``bf16``
+            autocast with fp32 master weights (embeddings and loss stay fp32); ``auto`` = bf16
+            where the device has bf16 GEMM (``models.multitask.precision``), else fp32.
+        compile: ``torch.compile`` the dense part.
     """
 
     epochs: int = 1
@@ -142,6 +146,8 @@ class TrainConfig:
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
     dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("epochs", self.epochs)

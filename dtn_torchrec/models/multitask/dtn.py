@@ -34,6 +34,7 @@ from dtn_torchrec.models.multitask.config import (
     TowerConfig,
 )
 from dtn_torchrec.models.multitask.expert_group import ExpertFactory, ExpertGroup, check_task_names
+from dtn_torchrec.models.multitask.fused import ExpertsForward, fused_experts_forward
 from dtn_torchrec.models.multitask.gates import ExpertOutputGate, InputGate, weighted_sum
 from dtn_torchrec.models.multitask.towers import build_towers
 from dtn_torchrec.models.task_graph import dependency_order
@@ -89,6 +90,11 @@ class DTN(nn.Module):
             self.groups[group] = ExpertGroup(configs, names, num_fields, embedding_dim, factory)
         dim = self.groups[SHARED].output_dim
         num_own = len(configs)
+        # Position k of every group is the same method and shape: one batched forward each.
+        self._fused_positions: List[Optional[ExpertsForward]] = [
+            fused_experts_forward([self.groups[g].experts[k] for g in self._tasks + [SHARED]])
+            for k in range(num_own)
+        ]
         num_other = len(self._tasks) * num_own  # other tasks' modules + the shared ones
 
         def gate(num_experts: int) -> nn.Module:
@@ -101,8 +107,21 @@ class DTN(nn.Module):
         self.other_gates = nn.ModuleDict({t: gate(num_other) for t in self._tasks})
         self.towers = build_towers(self._tasks, 2 * dim if self._paper else dim, tower, device=device)
 
+    def _group_outputs(self, inputs: ExpertInputs) -> Dict[str, torch.Tensor]:
+        """Every group's module outputs ``[B, K, H]``; module ``k`` of all groups at once."""
+        groups = self._tasks + [SHARED]
+        per_position: List[torch.Tensor] = []  # each [G, B, H]
+        for k, fused in enumerate(self._fused_positions):
+            experts = [self.groups[g].experts[k] for g in groups]
+            if fused is not None:
+                per_position.append(fused(experts, inputs.flat))
+            else:
+                per_position.append(torch.stack([e(inputs) for e in experts]))
+        stacked = torch.stack(per_position, dim=2)  # [G, B, K, H]
+        return {g: stacked[i] for i, g in enumerate(groups)}
+
     def forward(self, inputs: ExpertInputs) -> torch.Tensor:
-        modules = {group: self.groups[group](inputs) for group in self._tasks + [SHARED]}  # [B, K, H]
+        modules = self._group_outputs(inputs)  # group -> [B, K, H]
         logits: Dict[str, torch.Tensor] = {}
         for task in self._order:
             others: List[torch.Tensor] = []

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from dtn_torchrec.models.experts import ExpertConfig
+from dtn_torchrec.models.multitask.fused import ExpertsForward, fused_experts_forward
 from dtn_torchrec.models.types import ExpertInputs
 
 # (config, unique name, num_fields, embedding_dim) -> expert module with ``.output_dim`` whose
@@ -54,11 +55,14 @@ class ExpertGroup(nn.Module):
         if len(set(dims.values())) != 1:
             raise ValueError(f"experts fused by one gate must share output_dim, got {dims}")
         self.output_dim: int = next(iter(dims.values()))
+        self._fused: Optional[ExpertsForward] = fused_experts_forward(list(self.experts))
 
     def __len__(self) -> int:
         return len(self.experts)
 
     def forward(self, inputs: ExpertInputs) -> torch.Tensor:
+        if self._fused is not None:  # experts of one kind and shape: batched GEMMs
+            return self._fused(list(self.experts), inputs.flat).transpose(0, 1)
         return torch.stack([expert(inputs) for expert in self.experts], dim=1)
 
 
