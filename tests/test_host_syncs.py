@@ -2,8 +2,8 @@
 Python data to it.
 
 One ``TrainPipelineSparseDist.progress`` (input dist of the next batch, forward, backward, fused
-and dense optimizer steps) of the DMP-wrapped DTN with MemoNet, and of MMoE, runs after a warm-up
-step with the host-sync entry points patched: ``Tensor.tolist/item/cpu/numpy``,
+and dense optimizer steps) of the DMP-wrapped DTN with MemoNet, and of MMoE, and the trainer's
+``LossWindow.add`` of its output run after a warm-up step with the host-sync entry points patched: ``Tensor.tolist/item/cpu/numpy``,
 ``__bool__/__int__/__float__/__index__`` (a tensor used as a Python value), and tensors built
 from Python lists or tuples (``torch.tensor``, ``torch.as_tensor``, ``Tensor.new_tensor``, and
 indexing with a list, which builds its index tensor on the host).
@@ -25,7 +25,10 @@ from typing import Callable, Iterator, List
 import pytest
 import torch
 
+from dtn_torchrec.train.loss_window import LossWindow
 from single_rank import (  # noqa: F401 - one_rank_group is a fixture
+    CPU,
+    TASKS,
     one_rank_group,
     random_batch,
     sharded_train_model,
@@ -101,8 +104,10 @@ def test_no_host_sync_in_a_pipelined_training_step(one_rank_group, name: str) ->
     pipeline = sparse_dist_pipeline(model)
     batches: Iterator = iter([random_batch(seed) for seed in range(4)])
     pipeline.progress(batches)  # warm-up: traces the model, creates the input dists
+    window = LossWindow(TASKS, CPU)
     with HostSyncCounter() as counter:
         loss, logits, labels = pipeline.progress(batches)
+        window.add((loss, logits, labels))  # the trainer's per-step loss sums
     assert logits.shape == (16, 2) and torch.isfinite(loss).all()
     assert dict(counter.calls) == {}
 
