@@ -82,7 +82,8 @@ def _missing_id(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer, 'none' or 'default'") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected an integer, 'none' or 'default'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", metavar="NAME", help="only this split of a directory, or the split of a single "
                    "input file (train, valid/val/dev, test)")
     p.add_argument("--id-mapping", choices=ID_MAPPINGS, default="vocab",
-                   help="vocab: train-split vocabulary, ids 1..V, 0 = missing/OOV; hash: 1 + raw mod (size-1); "
-                   "raw: the raw 64-bit ids, no vocabulary pass, distinct ids estimated (default: vocab)")
+                   help="vocab: train-split vocabulary, ids 1..V, 0 = missing/OOV; "
+                   "hash: 1 + raw mod (size-1); raw: the raw 64-bit ids, no vocabulary pass, "
+                   "distinct ids estimated (default: vocab)")
     p.add_argument("--min-count", type=int, default=1, metavar="K",
                    help="vocab: keep ids seen at least K times in train (default: 1)")
     p.add_argument("--hash-size", type=int, default=DEFAULT_HASH_SIZE, metavar="N",
@@ -106,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-from", metavar="DATASET",
                    help="reuse the fields and id mapping of an existing dataset (e.g. to convert new test data)")
     p.add_argument("--valid-fraction", type=float, default=None, metavar="F",
-                   help="move this share of train rows to a valid split, by a seeded hash of the sample id "
-                   f"(default: {DEFAULT_VALID_FRACTION} when the input has no valid split; 0: none)")
+                   help="move this share of train rows to a valid split, by a seeded hash of the "
+                   f"sample id (default: {DEFAULT_VALID_FRACTION} when the input has no valid "
+                   "split; 0: none)")
     p.add_argument("--missing-id", type=_missing_id, default="default", metavar="V|none",
-                   help="the raw id that means missing (default: 0 for aliccp-raw, fdn, paddlerec; none for csv)")
+                   help="the raw id that means missing (default: 0 for aliccp-raw, fdn, "
+                   "paddlerec; none for csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the valid-split hash (default: 0)")
     p.add_argument("--labels", type=_csv_list, metavar="A,B,...",
                    help="csv: label columns in task order (default: click and conversion/purchase)")
@@ -136,7 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = PrepareOptions(
         split=args.split, id_mapping=args.id_mapping, min_count=args.min_count, hash_size=args.hash_size,
         hash_sizes=args.hash_sizes, vocab_from=args.vocab_from, valid_fraction=args.valid_fraction,
-        seed=args.seed, missing_id=args.missing_id, labels=args.labels, fields=args.fields, weight_prefix=args.weight_prefix,
+        seed=args.seed, missing_id=args.missing_id, labels=args.labels, fields=args.fields,
+        weight_prefix=args.weight_prefix,
         skip_bad=args.skip_bad, overwrite=args.overwrite, block_bytes=max(1, int(args.block_mb * (1 << 20))),
         row_group_rows=args.row_group_rows, max_row_group_values=args.max_row_group_values,
         rows_per_file=args.rows_per_file, progress=False if args.quiet else None)

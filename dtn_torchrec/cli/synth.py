@@ -1,6 +1,7 @@
 """``dtn-synth``: write a synthetic raw Ali-CCP data set with a planted signal.
 
-    dtn-synth --output DIR --train-rows N --test-rows M [--seed S] [--structure random --structure-seed K]
+    dtn-synth --output DIR --train-rows N --test-rows M [--seed S]
+              [--structure random --structure-seed K]
 
 -> DIR/sample_skeleton_{train,test}.csv, DIR/common_features_{train,test}.csv,
    DIR/truth_{train,test}.parquet, DIR/truth.json (oracle AUC per split and task).
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-std", type=float, default=defaults.cross_std,
                    help="standard deviation of each planted cross term (logit units)")
     p.add_argument("--structure", choices=STRUCTURES, default=defaults.structure,
-                   help="planted: the two crosses above (default); random: crosses, ranks, strengths and a "
-                   "possibly shared cross drawn from --structure-seed (recorded in truth.json)")
+                   help="planted: the two crosses above (default); random: crosses, ranks, "
+                   "strengths and a possibly shared cross drawn from --structure-seed (recorded in "
+                   "truth.json)")
     p.add_argument("--structure-seed", type=int, default=defaults.structure_seed,
                    help="seed of a random structure (default: 0)")
     return p
@@ -63,15 +65,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_rows=args.train_rows, test_rows=args.test_rows, seed=args.seed, ctr=args.ctr, cvr=args.cvr,
         id_scale=args.id_scale, history_scale=args.history_scale, rows_per_user=args.rows_per_user,
         invalid_rows=args.invalid_rows, click_cross=args.click_cross,
-        conversion_cross=args.conversion_cross, cross_rank=args.cross_rank, cross_std=args.cross_std,
-        structure=args.structure, structure_seed=args.structure_seed)
+        conversion_cross=args.conversion_cross, cross_rank=args.cross_rank,
+        cross_std=args.cross_std, structure=args.structure, structure_seed=args.structure_seed)
     try:
         truth = generate(config, args.output)
     except (ValueError, OSError) as e:
         print(f"dtn-synth: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"output": args.output, "oracle_auc": truth["oracle_auc"], "counts": truth["counts"],
-                      "structure": truth["structure"]}))
+    print(json.dumps({"output": args.output, "oracle_auc": truth["oracle_auc"],
+                      "counts": truth["counts"], "structure": truth["structure"]}))
     return 0
 
 

@@ -71,7 +71,9 @@ from dtn_torchrec.data.schema import ALICCP_FIELDS, ALICCP_LABELS, SAMPLE_ID_COL
 
 FORMATS = ("aliccp-raw", "fdn", "paddlerec", "csv")
 # The raw id that means "missing" unless --missing-id says otherwise.
-DEFAULT_MISSING_ID: Dict[str, Optional[int]] = {"aliccp-raw": 0, "fdn": 0, "paddlerec": 0, "csv": None}
+DEFAULT_MISSING_ID: Dict[str, Optional[int]] = {
+    "aliccp-raw": 0, "fdn": 0, "paddlerec": 0, "csv": None,
+}
 SKELETON_COLUMNS = ["sample_id", "click", "conversion", "common_feature_index", "feature_num", "feature_list"]
 COMMON_COLUMNS = ["common_feature_index", "feature_num", "feature_list"]
 _BINARY = pa.array(["0", "1"], pa.large_string())
@@ -291,7 +293,8 @@ def parse_feature_list(col: pa.Array, index: Dict[str, int], num_rows: int, coun
                                       lambda i: (column, f"{where(i)} is not field\\x02id\\x03value (no single \\x03)"))
     field_of = field_codes(names, index, row_of)
     ids = to_int64(id_text, BAD_ID, lambda i: (names[i].as_py(), f"{where(i)}: id is not an integer"), row_of)
-    reject_negative(ids, missing_id, row_of, lambda i: (names[i].as_py(), f"{where(i)}: id {ids[i]} is negative"))
+    reject_negative(ids, missing_id, row_of,
+                    lambda i: (names[i].as_py(), f"{where(i)}: id {ids[i]} is negative"))
     values = to_float32(value_text, BAD_VALUE, lambda i: (names[i].as_py(), f"{where(i)}: value is not a number"),
                         row_of)
     if counts is not None:
@@ -337,10 +340,10 @@ class RawAliccpFormat(InputFormat):
             reject_mask(dup, DUPLICATE_COMMON_KEY,
                         lambda i: ("common_feature_index", f"key {snippet(block_keys[i])} appeared before"))
             counts = _parse_count(cols[1])
-            row_of, field_of, ids, values = parse_feature_list(cols[2], self._index, len(lines), counts,
-                                                               self.missing_id)
-            return block_keys, group_by_field(row_of, field_of, ids, values, len(lines), len(self.fields),
-                                              self.missing_id)
+            row_of, field_of, ids, values = parse_feature_list(
+                cols[2], self._index, len(lines), counts, self.missing_id)
+            return block_keys, group_by_field(row_of, field_of, ids, values, len(lines),
+                                              len(self.fields), self.missing_id)
 
         for block in iter_line_blocks(source.common_path, self.block_bytes):
             parsed = parse_block(block, parse, skip_bad, log)
@@ -373,8 +376,8 @@ class RawAliccpFormat(InputFormat):
                         lambda i: ("common_feature_index",
                                    f"key {snippet(cols[3][i].as_py())} is not in {common_path}"))
             counts = _parse_count(cols[4])
-            row_of, field_of, ids, values = parse_feature_list(cols[5], self._index, len(lines), counts,
-                                                               self.missing_id)
+            row_of, field_of, ids, values = parse_feature_list(
+                cols[5], self._index, len(lines), counts, self.missing_id)
             fields = group_by_field(row_of, field_of, ids, values, len(lines), len(self.fields),
                                     self.missing_id)
             return ParsedRows(sample_ids, labels, fields, common_rows)
@@ -455,7 +458,8 @@ class PaddleRecFormat(InputFormat):
             ids = to_int64(id_text, BAD_ID, lambda i: (names[i].as_py(), f"{where(i)}: id is not an integer"), row_of)
             reject_negative(ids, self.missing_id, row_of,
                             lambda i: (names[i].as_py(), f"{where(i)}: id {ids[i]} is negative"))
-            fields = group_by_field(row_of, field_of, ids, None, len(lines), len(self.fields), self.missing_id)
+            fields = group_by_field(row_of, field_of, ids, None, len(lines), len(self.fields),
+                                    self.missing_id)
             return ParsedRows(sample_ids, labels, fields)
 
         return parse
@@ -478,8 +482,9 @@ class CsvFormat(InputFormat):
         reference = next((s for s in sources if s.split == "train"), sources[0])
         first = read_first_line(reference.path)
         if not first.strip():
-            raise PrepareError(reference.path, None, "file", EMPTY_FILE, "no header line (an empty file?); the first "
-                               f"{reference.split} file of --format csv must name its columns")
+            raise PrepareError(reference.path, None, "file", EMPTY_FILE,
+                               f"no header line (an empty file?); the first {reference.split} "
+                               "file of --format csv must name its columns")
         if _all_numbers(first):
             raise ValueError(f"{reference.path}: line 1 is not a header (all numbers); the first "
                              f"{reference.split} file of --format csv must name its columns")

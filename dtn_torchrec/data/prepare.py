@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from dtn_torchrec.atomic_files import claim_output_dir, publish_output_dir
 from dtn_torchrec.data.distinct import DistinctSketch, splitmix64
-from dtn_torchrec.data.formats import CommonTable, InputFormat, ParsedRows, make_format, resolve_missing_id
+from dtn_torchrec.data.formats import CommonTable, InputFormat, ParsedRows, make_format
 from dtn_torchrec.data.idmap import (
     DEFAULT_HASH_SIZE,
     HashIdMap,
@@ -146,7 +146,8 @@ def valid_mask(sample_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray
     """True for the rows that go to ``valid``: splitmix64(sample_id + seed * golden) / 2**64 <
     fraction. Deterministic per sample id, independent of row order. bool ``[N]``."""
     with np.errstate(over="ignore"):
-        x = splitmix64(sample_ids.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15))
+        x = sample_ids.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+        x = splitmix64(x)
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
 
 
@@ -156,10 +157,12 @@ def prepare_dataset(fmt: str, input_path: str | os.PathLike, output: str | os.Pa
     options = options or PrepareOptions()
     options.validate()
     sources = discover_sources(fmt, os.fspath(input_path), options.split)
-    parser = make_format(fmt, [s for files in sources.files.values() for s in files], options.fields,
-                         options.labels, options.weight_prefix, options.block_bytes, options.missing_id)
+    parser = make_format(fmt, [s for files in sources.files.values() for s in files],
+                         options.fields, options.labels, options.weight_prefix,
+                         options.block_bytes, options.missing_id)
     protected = [input_path] + ([options.vocab_from] if options.vocab_from else [])
-    out = claim_output_dir(output, tool=PREPARE_TOOL, overwrite=options.overwrite, protected=protected)
+    out = claim_output_dir(output, tool=PREPARE_TOOL, overwrite=options.overwrite,
+                           protected=protected)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     tmp = _make_temporary(out)
@@ -231,7 +234,8 @@ class _Preparation:
 
     def __init__(self, fmt: str, input_path: str, parser: InputFormat, sources: Sources,
                  options: PrepareOptions, root: Path) -> None:
-        self.fmt, self.input_path, self.parser, self.options, self.root = fmt, input_path, parser, options, root
+        self.fmt, self.input_path, self.parser = fmt, input_path, parser
+        self.options, self.root = options, root
         self.sources, self.ignored_inputs = sources.files, sources.ignored
         self.valid_fraction = self._valid_fraction()
         self.out_splits = self._output_splits()
@@ -249,7 +253,8 @@ class _Preparation:
     def _valid_fraction(self) -> float:
         if self.options.valid_fraction is not None:
             return self.options.valid_fraction
-        return DEFAULT_VALID_FRACTION if "train" in self.sources and "valid" not in self.sources else 0.0
+        own_valid = "valid" in self.sources
+        return DEFAULT_VALID_FRACTION if "train" in self.sources and not own_valid else 0.0
 
     def _output_splits(self) -> List[str]:
         splits = list(self.sources)
@@ -276,7 +281,8 @@ class _Preparation:
     def run(self) -> SchemaSpec:
         start = time.perf_counter()
         self.id_maps, vocab_files = self._id_maps()
-        self.field_stats = [_FieldStats(DistinctSketch() if self.id_mapping == "raw" else IdCounter())
+        raw = self.id_mapping == "raw"
+        self.field_stats = [_FieldStats(DistinctSketch() if raw else IdCounter())
                             for _ in self.parser.fields]
         for split in ("train", "valid", "test"):
             for source in self.sources.get(split, []):
@@ -296,11 +302,12 @@ class _Preparation:
                 continue
             dropped = ", ".join(f"{k}={v}" for k, v in sorted(state.spec.dropped.items())) or "none"
             if name == "valid" and "valid" not in self.sources:
-                raise ValueError(f"the valid split carved from train (--valid-fraction {self.valid_fraction}) has "
-                                 f"0 rows; pass --valid-fraction 0 or a larger fraction")
+                raise ValueError(f"the valid split carved from train (--valid-fraction "
+                                 f"{self.valid_fraction}) has 0 rows; pass --valid-fraction 0 or "
+                                 f"a larger fraction")
             files = ", ".join(s.path for s in self.sources[name])
-            raise ValueError(f"split {name!r} has 0 rows after filtering ({state.spec.rows_read} read, dropped: "
-                             f"{dropped}) from {files}")
+            raise ValueError(f"split {name!r} has 0 rows after filtering "
+                             f"({state.spec.rows_read} read, dropped: {dropped}) from {files}")
 
     def _id_maps(self) -> Tuple[List[IdMap], Dict[str, str]]:
         opts, fields = self.options, self.parser.fields
@@ -508,7 +515,8 @@ class _Preparation:
                           summary=summary)
 
 
-def _count_common_ids(counter: Union[IdCounter, DistinctSketch], table: Ragged, key_counts: np.ndarray, keys_per_chunk: int = 8192) -> None:
+def _count_common_ids(counter: Union[IdCounter, DistinctSketch], table: Ragged,
+                      key_counts: np.ndarray, keys_per_chunk: int = 8192) -> None:
     """Adds the ids of every common-table key ``k`` to ``counter`` ``key_counts[k]`` times, a
     chunk of keys at a time so that memory stays small next to the table."""
     for lo in range(0, table.num_rows, keys_per_chunk):
@@ -644,14 +652,18 @@ def _file_size(path: str) -> Optional[int]:
 
 def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
     """The human-readable summary ``dtn-prepare`` prints."""
-    mapping = f"vocab, min_count {schema.min_count}" if schema.id_mapping == "vocab" else schema.id_mapping
+    mapping = schema.id_mapping
+    if mapping == "vocab":
+        mapping = f"vocab, min_count {schema.min_count}"
     lines = [f"dtn-prepare: {schema.source_format} -> {output} ({mapping}); "
              f"labels {', '.join(schema.labels)}; {schema.summary.get('elapsed_s', 0):.1f} s",
              f"{'split':<6} {'rows_read':>12} {'rows':>12}  dropped"]
-    inputs = [f"{split} <- {', '.join(files)}" for split, files in schema.summary.get("sources", {}).items()]
+    sources = schema.summary.get("sources", {})
+    inputs = [f"{split} <- {', '.join(files)}" for split, files in sources.items()]
     lines[1:1] = [f"inputs: {'; '.join(inputs)}"] if inputs else []
     if schema.summary.get("ignored_inputs"):
-        lines.insert(2, f"ignored (not a data file name): {', '.join(schema.summary['ignored_inputs'])}")
+        ignored = ", ".join(schema.summary["ignored_inputs"])
+        lines.insert(2, f"ignored (not a data file name): {ignored}")
     for name, split in schema.splits.items():
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(split.dropped.items())) or "-"
         lines.append(f"{name:<6} {split.rows_read:>12} {split.rows:>12}  {dropped}")
@@ -662,7 +674,8 @@ def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
     lines.append(f"  {'field':<10} {'num_embeddings':>14} {'cardinality':>12} {'mean_len':>9} {'max_len':>8}  weights")
     for f in schema.fields:
         cardinality = f"~{f.cardinality}" if f.cardinality_rse else str(f.cardinality)
-        lines.append(f"  {f.name:<10} {f.num_embeddings:>14} {cardinality:>12} {f.mean_length:>9.2f} "
+        lines.append(f"  {f.name:<10} {f.num_embeddings:>14} {cardinality:>12} "
+                     f"{f.mean_length:>9.2f} "
                      f"{f.max_length:>8}  {'yes' if f.weight_column else 'no'}")
     for example in schema.summary.get("bad_line_examples", [])[:5]:
         lines.append(f"skipped: {example}")

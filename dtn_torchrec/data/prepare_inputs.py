@@ -121,7 +121,8 @@ def _single_file(fmt: str, path: Path, wanted: Optional[str]) -> Dict[str, List[
     return {split: [SourceFile(str(path), split, common)]}
 
 
-def _raw_directory(root: Path, wanted: Optional[str], ignored: List[str]) -> Dict[str, List[SourceFile]]:
+def _raw_directory(root: Path, wanted: Optional[str],
+                   ignored: List[str]) -> Dict[str, List[SourceFile]]:
     found: Dict[str, List[SourceFile]] = {}
     for split in _RAW_SPLITS:
         if wanted and split != wanted:
@@ -145,7 +146,8 @@ def _raw_directory(root: Path, wanted: Optional[str], ignored: List[str]) -> Dic
     return found
 
 
-def _directory(root: Path, wanted: Optional[str], ignored: List[str]) -> Dict[str, List[SourceFile]]:
+def _directory(root: Path, wanted: Optional[str],
+               ignored: List[str]) -> Dict[str, List[SourceFile]]:
     found: Dict[str, List[SourceFile]] = {}
     passed: List[str] = []
     for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith((".", "_"))):
@@ -162,7 +164,8 @@ def _directory(root: Path, wanted: Optional[str], ignored: List[str]) -> Dict[st
         split = _SPLIT_ALIASES.get(folder.name.lower())
         if split is None or (wanted and split != wanted):
             continue
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_"))):
+        for path in sorted(p for p in folder.iterdir()
+                           if p.is_file() and not p.name.startswith((".", "_"))):
             if is_data_file_name(path.name):
                 found.setdefault(split, []).append(SourceFile(str(path), split))
             else:

@@ -140,7 +140,8 @@ class _Reader:
         try:
             data = self.stream.read(nbytes)
         except (OSError, pa.ArrowException) as e:
-            raise PrepareError(self.path, None, "file", UNREADABLE_FILE, f"cannot read: {e}") from None
+            raise PrepareError(self.path, None, "file", UNREADABLE_FILE,
+                               f"cannot read: {e}") from None
         if not self.started:  # a UTF-8 byte order mark is not part of the first line
             self.started = True
             if data.startswith(_BOM):
@@ -199,7 +200,8 @@ def iter_line_blocks(path: str, block_bytes: int = 8 << 20, skip_lines: int = 0)
                 drop = int(np.searchsorted(block.line_numbers, skip_lines + 1))
                 block = LineBlock(path, block.lines[drop:], block.line_numbers[drop:], block.nbytes,
                                   [bad for bad in block.not_utf8 if bad[0] > skip_lines])
-            block.unterminated = eof and len(block) > 0 and int(block.line_numbers[-1]) == next_line - 1
+            last_line = next_line - 1
+            block.unterminated = eof and len(block) > 0 and int(block.line_numbers[-1]) == last_line
             data_lines += block.num_lines
             if block.num_lines:
                 yield block

@@ -132,7 +132,8 @@ class SynthConfig:
         if set(self.click_cross) == set(self.conversion_cross):
             raise ValueError("click and conversion must plant different crosses")
         if self.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+            raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}, "
+                             f"got {self.structure!r}")
         defaults = SynthConfig(train_rows=0, test_rows=0)
         planted = ("click_cross", "conversion_cross", "cross_rank", "cross_std")
         changed = [k for k in planted if getattr(self, k) != getattr(defaults, k)]
@@ -144,12 +145,14 @@ class SynthConfig:
         """The crosses of click and of conversion (``synth_structure.CrossSpec`` tuples)."""
         if self.structure == "random":
             return random_crosses(self.structure_seed)
-        return planted_crosses(self.click_cross, self.conversion_cross, self.cross_rank, self.cross_std)
+        return planted_crosses(self.click_cross, self.conversion_cross, self.cross_rank,
+                               self.cross_std)
 
     def signals(self) -> Tuple[TaskSignal, TaskSignal]:
         click_crosses, conversion_crosses = self.crosses()
         click = TaskSignal("click", click_crosses, CLICK_MAIN_STD, CLICK_PRESENCE)
-        conversion = TaskSignal("conversion", conversion_crosses, CONVERSION_MAIN_STD, CONVERSION_PRESENCE)
+        conversion = TaskSignal("conversion", conversion_crosses, CONVERSION_MAIN_STD,
+                                CONVERSION_PRESENCE)
         return click, conversion
 
 
@@ -418,13 +421,14 @@ class SyntheticAliCCP:
             "seed": cfg.seed,
             "config": asdict(cfg),
             # Each task's first own cross (the planted structure has exactly one per task).
-            "planted_crosses": {t: list(s.crosses[0].fields)
-                                for t, s in (("click", self.click_signal), ("conversion", self.conversion_signal))},
+            "planted_crosses": {"click": list(self.click_signal.crosses[0].fields),
+                                "conversion": list(self.conversion_signal.crosses[0].fields)},
             "structure": structure,
             "model": {
                 "click": {"intercept": self.click_intercept, "crosses": structure["click"],
                           "main_std": CLICK_MAIN_STD, "presence": CLICK_PRESENCE},
-                "conversion": {"intercept": self.conversion_intercept, "crosses": structure["conversion"],
+                "conversion": {"intercept": self.conversion_intercept,
+                               "crosses": structure["conversion"],
                                "main_std": CONVERSION_MAIN_STD, "presence": CONVERSION_PRESENCE,
                                "given": "click"},
                 "formula": "p_click = sigmoid(q(b_c + logit_c)); p_conversion = p_click * "

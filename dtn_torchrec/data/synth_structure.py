@@ -34,11 +34,14 @@ _SHARED_STD = (0.4, 0.9)
 _MAX_RANK = 4
 
 
-def planted_crosses(click_cross: Tuple[str, str], conversion_cross: Tuple[str, str], rank: int,
-                    std: float) -> Tuple[Tuple[CrossSpec, ...], Tuple[CrossSpec, ...]]:
+def planted_crosses(
+    click_cross: Tuple[str, str], conversion_cross: Tuple[str, str], rank: int, std: float
+) -> Tuple[Tuple[CrossSpec, ...], Tuple[CrossSpec, ...]]:
     """One cross per task, nothing shared: ``(click crosses, conversion crosses)``."""
-    return ((CrossSpec(tuple(click_cross), rank, std, key=0),),  # type: ignore[arg-type]
-            (CrossSpec(tuple(conversion_cross), rank, std, key=1),))  # type: ignore[arg-type]
+    return (
+        (CrossSpec(tuple(click_cross), rank, std, key=0),),  # type: ignore[arg-type]
+        (CrossSpec(tuple(conversion_cross), rank, std, key=1),),
+    )  # type: ignore[arg-type]
 
 
 def random_crosses(structure_seed: int) -> Tuple[Tuple[CrossSpec, ...], Tuple[CrossSpec, ...]]:
@@ -54,28 +57,43 @@ def random_crosses(structure_seed: int) -> Tuple[Tuple[CrossSpec, ...], Tuple[Cr
         crosses = []
         for i in range(int(count)):
             key = task if i == 0 else OWN_KEY_BASE + 8 * task + i
-            crosses.append(CrossSpec(next(picks), int(rng.integers(1, _MAX_RANK + 1)),
-                                     float(round(rng.uniform(*_OWN_STD), 3)), key))
+            crosses.append(
+                CrossSpec(
+                    next(picks),
+                    int(rng.integers(1, _MAX_RANK + 1)),
+                    float(round(rng.uniform(*_OWN_STD), 3)),
+                    key,
+                )
+            )
         tasks.append(crosses)
     if shared:
-        common = CrossSpec(next(picks), int(rng.integers(1, _MAX_RANK + 1)),
-                           float(round(rng.uniform(*_SHARED_STD), 3)), SHARED_KEY)
+        common = CrossSpec(
+            next(picks),
+            int(rng.integers(1, _MAX_RANK + 1)),
+            float(round(rng.uniform(*_SHARED_STD), 3)),
+            SHARED_KEY,
+        )
         for crosses in tasks:
             crosses.append(common)
     return tuple(tasks[0]), tuple(tasks[1])
 
 
-def describe(kind: str, seed: int, click: Tuple[CrossSpec, ...],
-             conversion: Tuple[CrossSpec, ...]) -> Dict[str, object]:
+def describe(
+    kind: str, seed: int, click: Tuple[CrossSpec, ...], conversion: Tuple[CrossSpec, ...]
+) -> Dict[str, object]:
     """The structure as JSON: per task its crosses (fields, rank, std, shared) and the share of
     its cross variance (sum of std^2) that the crosses shared with the other task carry."""
     shared_keys = {c.key for c in click} & {c.key for c in conversion}
     out: Dict[str, object] = {"kind": kind, "seed": seed if kind == "random" else None}
     share: Dict[str, float] = {}
     for name, crosses in (("click", click), ("conversion", conversion)):
-        out[name] = [{"fields": list(c.fields), "rank": c.rank, "std": c.std, "shared": c.key in shared_keys}
-                     for c in crosses]
-        total = sum(c.std ** 2 for c in crosses)
-        share[name] = sum(c.std ** 2 for c in crosses if c.key in shared_keys) / total if total else 0.0
+        out[name] = [
+            {"fields": list(c.fields), "rank": c.rank, "std": c.std, "shared": c.key in shared_keys}
+            for c in crosses
+        ]
+        total = sum(c.std**2 for c in crosses)
+        share[name] = (
+            sum(c.std**2 for c in crosses if c.key in shared_keys) / total if total else 0.0
+        )
     out["shared_variance_fraction"] = share
     return out
