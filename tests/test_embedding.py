@@ -185,7 +185,8 @@ def test_missing_weights_is_a_clear_error() -> None:
     [{"pooling": "max"}, {"input_norm": "batch"}, {"embedding_dim": 0}, {"init_std": 0.0}],
 )
 def test_embedding_config_rejects_bad_values(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="embedding\\."):
+    # "<field>: ..." so that the config loader prefixes the dotted key (model.embedding.<field>)
+    with pytest.raises(ValueError, match=f"^{next(iter(kwargs))}: must be"):
         EmbeddingConfig(**kwargs)
 
 

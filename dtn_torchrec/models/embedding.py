@@ -95,13 +95,13 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
-            raise ValueError(f"embedding.embedding_dim must be >= 1, got {self.embedding_dim}")
+            raise ValueError(f"embedding_dim: must be >= 1, got {self.embedding_dim}")
         if self.pooling not in _POOLINGS:
-            raise ValueError(f"embedding.pooling must be one of {_POOLINGS}, got {self.pooling!r}")
+            raise ValueError(f"pooling: must be one of {list(_POOLINGS)}, got {self.pooling!r}")
         if self.init_std <= 0:
-            raise ValueError(f"embedding.init_std must be > 0, got {self.init_std}")
+            raise ValueError(f"init_std: must be > 0, got {self.init_std}")
         if self.input_norm not in _INPUT_NORMS:
-            raise ValueError(f"embedding.input_norm must be one of {_INPUT_NORMS}, got {self.input_norm!r}")
+            raise ValueError(f"input_norm: must be one of {list(_INPUT_NORMS)}, got {self.input_norm!r}")
 
 
 class InferenceBatchNorm(nn.Module):
