@@ -16,7 +16,7 @@ import torch
 
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader import ParquetBatchReader
-from dtn_torchrec.data.reader_prefetch import PREFETCH_THREAD_NAME
+from dtn_torchrec.data.reader_prefetch import PREFETCH_THREAD_NAME, WORKER_THREAD_PREFIX
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec, SplitSpec, weight_column_name
 
 FIELDS = ["a", "b", "c"]
@@ -369,3 +369,84 @@ def test_zero_row_batch_passes_through_an_embedding_bag_collection(tmp_path: Pat
                                                             feature_names=[f]) for f in FIELDS],
                                  is_weighted=True)
     assert tuple(ebc(empty.sparse_features).values().shape) == (0, 12)
+
+
+def _same_batches(got: List[Batch], want: List[Batch]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.equal(g.sample_ids, w.sample_ids)
+        assert torch.equal(g.labels, w.labels)
+        for key in FIELDS:
+            assert torch.equal(g.sparse_features[key].values(), w.sparse_features[key].values())
+            assert torch.equal(g.sparse_features[key].lengths(), w.sparse_features[key].lengths())
+            assert torch.equal(g.sparse_features[key].weights(), w.sparse_features[key].weights())
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("shuffle_buffer_rows", [0, 5])
+def test_workers_yield_the_batches_of_one_worker(dataset: Path, workers: int, shuffle_buffer_rows: int) -> None:
+    kw = dict(world_size=2, shuffle=True, shuffle_buffer_rows=shuffle_buffer_rows, seed=5, use_weights=True)
+    for rank in range(2):
+        for epoch in (0, 1):
+            readers = []
+            for n in (1, workers):
+                reader = ParquetBatchReader(str(dataset), "train", 3, rank=rank, workers=n, **kw)
+                reader.set_epoch(epoch)
+                readers.append(reader)
+            _same_batches(list(readers[1]), list(readers[0]))
+
+
+def test_workers_resume_exactly(dataset: Path) -> None:
+    kw = dict(world_size=3, shuffle=True, shuffle_buffer_rows=4, seed=6, drop_last=True)
+    full = list(ParquetBatchReader(str(dataset), "train", 2, rank=1, **kw))
+    for k in range(len(full) + 1):
+        first = ParquetBatchReader(str(dataset), "train", 2, rank=1, workers=3, **kw)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        state = first.state_dict()
+        it.close()
+        resumed = ParquetBatchReader(str(dataset), "train", 2, rank=1, workers=3, **kw)
+        resumed.load_state_dict(state)
+        assert [b.sample_ids.tolist() for b in resumed] == [b.sample_ids.tolist() for b in full[k:]]
+
+
+def _worker_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()]
+
+
+def test_worker_errors_arrive_in_stream_order_and_threads_stop(dataset: Path) -> None:
+    reader = ParquetBatchReader(str(dataset), "train", 2, prefetch_batches=2, workers=3)
+    stopped_early = ParquetBatchReader(str(dataset), "train", 1, workers=2)
+    (dataset / "train" / "part-004.parquet").unlink()
+    got = []
+    with pytest.raises(ValueError, match="part-004.parquet"):
+        for b in reader:
+            got.extend(b.sample_ids.tolist())
+    assert got == [SID0 + i for i in range(20)]  # every batch before the missing file's rows
+    assert _prefetch_threads() == [] and _worker_threads() == []
+    it = iter(stopped_early)
+    next(it)
+    it.close()
+    assert _worker_threads() == []
+
+
+@pytest.mark.parametrize("prefetch_batches,workers", [(2, 1), (0, 2)])
+def test_pinned_batches_are_pinned_off_the_consumer_thread(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch, prefetch_batches: int, workers: int
+) -> None:
+    pinned_in: List[str] = []
+
+    def pin(batch: Batch) -> Batch:  # CPU-only torch cannot page-lock: record, then copy
+        pinned_in.append(threading.current_thread().name)
+        return Batch(batch.sparse_features, batch.labels.clone(), batch.sample_ids.clone())
+
+    monkeypatch.setattr(Batch, "pin_memory", pin)
+    kw = dict(prefetch_batches=prefetch_batches, workers=workers)
+    pinned = list(ParquetBatchReader(str(dataset), "train", 4, pin_memory=True, **kw))
+    assert len(pinned_in) == len(pinned) == 6
+    assert threading.main_thread().name not in pinned_in
+    unpinned = list(ParquetBatchReader(str(dataset), "train", 4, use_weights=True))
+    assert len(pinned_in) == 6  # nothing pinned without pin_memory
+    pinned = list(ParquetBatchReader(str(dataset), "train", 4, pin_memory=True, use_weights=True, **kw))
+    _same_batches(pinned, unpinned)

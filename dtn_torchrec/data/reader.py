@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from dtn_torchrec.data import reader_plan
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader_columns import DecodedWindow, single_array, weight_mismatch
-from dtn_torchrec.data.reader_prefetch import Prefetcher
+from dtn_torchrec.data.reader_prefetch import Prefetcher, ordered_map
 from dtn_torchrec.data.schema import SAMPLE_ID_COLUMN, SchemaSpec
 
 
@@ -51,6 +51,10 @@ class ParquetBatchReader:
             without one).
         prefetch_batches: batches decoded ahead in a background thread (0: no thread).
         fields: KJT keys, a subset of the schema fields in any order (default: schema order).
+        workers: threads that read and decode windows and assemble batches; any number yields
+            the same batches in the same order (and resumes the same way) as one.
+        pin_memory: hand out batches in page-locked host memory (pinned where they are built),
+            so the copy to a CUDA device can be ``non_blocking``. Needs CUDA.
 
     Each batch: ``sparse_features`` with one key per field, int64 values and int32 lengths
     (stride B); ``labels`` float32 ``[B, T]`` in ``schema.labels`` order; ``sample_ids`` int64 ``[B]``.
@@ -58,13 +62,16 @@ class ParquetBatchReader:
 
     def __init__(self, dataset_dir: str, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  shuffle: bool = False, shuffle_buffer_rows: int = 0, seed: int = 0, drop_last: bool = False,
-                 use_weights: bool = False, prefetch_batches: int = 2, fields: Optional[List[str]] = None) -> None:
+                 use_weights: bool = False, prefetch_batches: int = 2, fields: Optional[List[str]] = None,
+                 workers: int = 1, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if prefetch_batches < 0 or shuffle_buffer_rows < 0:
             raise ValueError("prefetch_batches and shuffle_buffer_rows must be >= 0")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.schema = SchemaSpec.load(dataset_dir)
         if split not in self.schema.splits:
             raise ValueError(f"{Path(dataset_dir) / 'schema.json'}: no split {split!r} "
@@ -74,6 +81,7 @@ class ParquetBatchReader:
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer_rows, self.seed = shuffle, shuffle_buffer_rows, seed
         self.drop_last, self.use_weights, self.prefetch_batches = drop_last, use_weights, prefetch_batches
+        self.workers, self.pin_memory = workers, pin_memory
         self.fields = list(fields) if fields is not None else self.schema.field_names
         if not self.fields:
             raise ValueError("fields must name at least one field")
@@ -94,8 +102,11 @@ class ParquetBatchReader:
         self.files = self.schema.split_files(dataset_dir, split)
         self._units: List[Tuple[int, int]] = []   # (file index, row group)
         self._unit_rows: List[int] = []
+        # Parsed footers: every window opens its files with them (no footer read per window).
+        self._file_metadata: List[pq.FileMetaData] = []
         for file_index, path in enumerate(self.files):
             meta = self._check_file(path)
+            self._file_metadata.append(meta)
             for rg in range(meta.num_row_groups):
                 rows = meta.row_group(rg).num_rows
                 if rows > 0:
@@ -199,33 +210,44 @@ class ParquetBatchReader:
 
     def _windows(self, epoch: int, skip_rows: int) -> Iterator[Tuple[DecodedWindow, np.ndarray]]:
         """This rank's rows for the epoch in order, as (decoded window, row order) pairs, the first
-        ``skip_rows`` left out (whole windows skipped without reading them)."""
+        ``skip_rows`` left out (whole windows skipped without reading them). Windows are read and
+        decoded on the worker threads, ahead of the consumer."""
+        kept: List[Tuple[int, List[reader_plan.Span], int]] = []  # (window, spans, rows skipped)
+        for w, spans in enumerate(self._rank_windows(epoch)):
+            rows = sum(s.rows for s in spans)
+            if skip_rows >= rows:
+                skip_rows -= rows
+                continue
+            kept.append((w, spans, skip_rows))
+            skip_rows = 0
+
+        def decode(item: Tuple[int, List[reader_plan.Span], int]) -> Tuple[DecodedWindow, np.ndarray]:
+            w, spans, skipped = item
+            window = self._read_window(spans)
+            if self.shuffle and self.shuffle_buffer_rows > 0:
+                order = reader_plan.window_permutation(
+                    window.num_rows, self.seed, epoch, self.rank, self.world_size, w)
+            else:
+                order = np.arange(window.num_rows)
+            return window, order[skipped:]
+
+        return ordered_map(decode, kept, self.workers)
+
+    def _read_window(self, spans: List[reader_plan.Span]) -> DecodedWindow:
         files: Dict[int, pq.ParquetFile] = {}
         try:
-            for w, spans in enumerate(self._rank_windows(epoch)):
-                rows = sum(s.rows for s in spans)
-                if skip_rows >= rows:
-                    skip_rows -= rows
-                    continue
-                table = pa.concat_tables([self._read_span(files, s) for s in spans])
-                window = DecodedWindow.from_table(table, self.fields, self.weight_columns, self.labels,
-                                                  SAMPLE_ID_COLUMN)
-                if self.shuffle and self.shuffle_buffer_rows > 0:
-                    order = reader_plan.window_permutation(rows, self.seed, epoch, self.rank, self.world_size, w)
-                else:
-                    order = np.arange(rows)
-                yield window, order[skip_rows:]
-                skip_rows = 0
+            table = pa.concat_tables([self._read_span(files, s) for s in spans])
         finally:
             for pf in files.values():
                 pf.close()
+        return DecodedWindow.from_table(table, self.fields, self.weight_columns, self.labels, SAMPLE_ID_COLUMN)
 
     def _read_span(self, files: Dict[int, pq.ParquetFile], span: reader_plan.Span) -> pa.Table:
         file_index, rg = self._units[span.unit]
         path = self.files[file_index]
         try:
             if file_index not in files:
-                files[file_index] = pq.ParquetFile(path)
+                files[file_index] = pq.ParquetFile(path, metadata=self._file_metadata[file_index])
             table = files[file_index].read_row_group(rg, columns=self.columns).select(self.columns)
             table = table.cast(self._arrow_schema).slice(span.start, span.rows)
         except (pa.ArrowException, OSError) as e:
@@ -243,7 +265,17 @@ class ParquetBatchReader:
         return table
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        """Batches ``start, start + 1, ...`` of this rank's epoch (see ``reader_plan``)."""
+        """Batches ``start, start + 1, ...`` of this rank's epoch (see ``reader_plan``), assembled
+        (and pinned) on the worker threads, in order."""
+        return ordered_map(self._assemble, self._batch_rows(epoch, start), self.workers)
+
+    def _assemble(self, pieces: Optional[List[Tuple[DecodedWindow, np.ndarray]]]) -> Batch:
+        batch = self._to_batch(pieces) if pieces is not None else self._empty_batch()
+        return batch.pin_memory() if self.pin_memory else batch
+
+    def _batch_rows(self, epoch: int, start: int) -> Iterator[Optional[List[Tuple[DecodedWindow, np.ndarray]]]]:
+        """The rows of batches ``start, start + 1, ...``: (window, row indices) pieces in batch
+        order, or None for a 0-row batch."""
         b = self.batch_size
         emitted = start
         if emitted >= self._num_batches:
@@ -265,15 +297,15 @@ class ParquetBatchReader:
                         pending[0] = (window_k, order_k[take:])
                     need -= take
                 pending_rows -= b
-                yield self._to_batch(pieces)
+                yield pieces
                 emitted += 1
             if emitted == self._num_batches:
                 return
         if pending_rows and not self.drop_last:
-            yield self._to_batch(pending)
+            yield list(pending)
             emitted += 1
         while emitted < self._num_batches:  # this rank ran out one step early: 0-row batch
-            yield self._empty_batch()
+            yield None
             emitted += 1
 
     def _to_batch(self, pieces: List[Tuple[DecodedWindow, np.ndarray]]) -> Batch:

@@ -1,14 +1,19 @@
-"""Run an iterator in a background thread, a bounded number of items ahead of the consumer."""
+"""Run an iterator in a background thread, a bounded number of items ahead of the consumer, and
+map a function over an iterator on a pool of threads, results in order."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Generator, Generic, Iterator, Tuple, TypeVar
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Deque, Generator, Generic, Iterable, Iterator, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 PREFETCH_THREAD_NAME = "dtn-reader-prefetch"
+WORKER_THREAD_PREFIX = "dtn-reader-worker"
 _ITEM, _END, _ERROR = 0, 1, 2
 _POLL_S = 0.05
 
@@ -71,3 +76,42 @@ class Prefetcher(Generic[T]):
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Generator[R, None, None]:
+    """``fn(item)`` for each item, in item order, computed on ``workers`` threads.
+
+    At most ``2 * workers`` calls are in flight (submitted ahead of the consumer); ``workers == 1``
+    calls ``fn`` in the consuming thread. An exception of ``fn``, or of ``items``, is raised where
+    its result (or item's result) would have been yielded. Closing the generator cancels the calls not started and waits for the
+    running ones.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        for item in items:
+            yield fn(item)
+        return
+    pending: Deque["Future[R]"] = deque()
+    source = iter(items)
+    error: Optional[Exception] = None
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=WORKER_THREAD_PREFIX) as pool:
+        try:
+            while True:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                except Exception as e:  # raised after the results of the items before it
+                    error = e
+                    break
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+    if error is not None:
+        raise error
