@@ -51,6 +51,8 @@ class DataConfig:
         shuffle_buffer_rows: size of the shuffle buffer, in rows.
         use_weights: feed the per-id weight columns (Ali-CCP ``feature_value``) as KJT weights.
         prefetch_batches: batches the reader prepares ahead in a background thread.
+        reader_workers: threads per rank that read, decode and assemble batches (the batches
+            and their order do not depend on it).
         train_split: split to train on.
         eval_split: split evaluated every ``train.eval_every_steps``, at each epoch end and at
             the end of training; its metrics go to the summary under its name.
@@ -64,6 +66,7 @@ class DataConfig:
     shuffle_buffer_rows: int = 65536
     use_weights: bool = False
     prefetch_batches: int = 2
+    reader_workers: int = 1
     train_split: str = "train"
     eval_split: str = "test"
     valid_split: Optional[str] = "valid"
@@ -74,7 +77,8 @@ class DataConfig:
             _check_positive("eval_batch_size", self.eval_batch_size)
         _check_positive("shuffle_buffer_rows", self.shuffle_buffer_rows)
         if self.prefetch_batches < 0:
-            raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+            raise ValueError(f"prefetch_batches: must be >= 0, got {self.prefetch_batches}")
+        _check_positive("reader_workers", self.reader_workers)
 
 
 # Metrics a checkpoint can be selected by (keys of ``metrics.task_metrics``).
@@ -104,7 +108,7 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         if self.metric not in SELECT_METRICS:
-            raise ValueError(f"metric must be one of {list(SELECT_METRICS)}, got {self.metric!r}")
+            raise ValueError(f"metric: must be one of {list(SELECT_METRICS)}, got {self.metric!r}")
         if self.patience is not None:
             _check_positive("patience", self.patience)
 
@@ -152,10 +156,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_positive("epochs", self.epochs)
         if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0 or null, got {self.max_steps}")
+            raise ValueError(f"max_steps: must be >= 0 or null, got {self.max_steps}")
         for name in ("eval_every_steps", "checkpoint_every_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         _check_positive("log_every_steps", self.log_every_steps)
         _check_positive("keep_checkpoints", self.keep_checkpoints)
 
@@ -192,7 +196,7 @@ class RunConfig:
 
 def _check_positive(name: str, value: int) -> None:
     if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise ValueError(f"{name}: must be > 0, got {value}")
 
 
 def run_config_from_dict(raw: Dict[str, Any]) -> RunConfig:

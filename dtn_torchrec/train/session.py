@@ -186,6 +186,9 @@ def _reader(cfg: RunConfig, split: str, ctx: DistributedContext, *, train: bool)
         drop_last=train,
         use_weights=cfg.data.use_weights,
         prefetch_batches=cfg.data.prefetch_batches,
+        workers=cfg.data.reader_workers,
+        # Page-locked batches let the pipeline's copy to the GPU run asynchronously.
+        pin_memory=ctx.device.type == "cuda",
     )
 
 
