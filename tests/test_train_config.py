@@ -270,7 +270,7 @@ def test_overrides_reach_every_section(tmp_path: Path) -> None:
     [
         ("train.epoch=3", r"train\.epoch: unknown key; did you mean 'train\.epochs'\?"),
         ("train.epochs=two", r"train\.epochs: expected an integer, got 'two'"),
-        ("train.epochs=0", r"train: epochs must be > 0"),
+        ("train.epochs=0", r"train\.epochs: must be > 0, got 0"),
         ("train.pipeline=async", r"train\.pipeline: 'async' is not one of \['sparse_dist', 'plain'\]"),
         ("data.shuffle=maybe", r"data\.shuffle: expected true or false, got 'maybe'"),
         ("output.tensorboard=1", r"output\.tensorboard: expected true or false, got 1"),

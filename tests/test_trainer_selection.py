@@ -134,9 +134,9 @@ def test_select_config_is_checked_with_the_dotted_key() -> None:
     assert cfg.train.select == SelectConfig(task="conversion", patience=2)
     for select, message in (
         ({"task": "purchase"}, "train.select.task: 'purchase' is neither 'mean' nor one of"),
-        ({"metric": "cvr_auc"}, "train.select: metric must be one of"),
+        ({"metric": "cvr_auc"}, "train.select.metric: must be one of"),
         ({"mode": "largest"}, "train.select.mode"),
-        ({"patience": 0}, "train.select: patience must be > 0"),
+        ({"patience": 0}, "train.select.patience: must be > 0"),
         ({"metrc": "auc"}, "train.select.metrc"),
     ):
         with pytest.raises(ConfigError, match=message):
