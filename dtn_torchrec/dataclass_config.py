@@ -289,12 +289,13 @@ def _section_from_dict(
     tag_key = _join(key, registry.tag)
     if registry.tag in data:
         name = data[registry.tag]
-        member = registry.get(name, tag_key)
-    elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        name, member = registry.name_of(type(default)), None
+    elif f.default_factory is not dataclasses.MISSING:
+        name = registry.name_of(type(f.default_factory()))
+    elif f.default is not dataclasses.MISSING:
+        name = registry.name_of(type(f.default))
     else:
         raise ConfigError(f"{tag_key}: required key is missing (one of {registry.names()})")
+    member = registry.get(name, tag_key)
     for other in registry.names():
         # A null section is no section: an override can drop one (``model.dtn=null``).
         if other != name and data.get(other) is not None:
@@ -304,9 +305,8 @@ def _section_from_dict(
                 f"{_join(key, other)}=null) or set {tag_key}={other} (each {registry.family} "
                 "reads only its own section)"
             )
-    if member is None and name not in data:
+    if registry.tag not in data and name not in data:
         return None
-    member = member or registry.get(name, tag_key)
     return _from_dict(
         member, data.get(name, {}), _join(key, name), owner=f"the {name} {registry.family}"
     )
@@ -402,9 +402,10 @@ def _slot(node: Any, parts: List[str], depth: int, text: str) -> Any:
     if isinstance(node, list):
         if part.isdigit() and int(part) < len(node):
             return int(part)
+        indices = f"indices 0..{len(node) - 1}" if node else "empty"
         raise ConfigError(
             f"{_dotted(parts[: depth + 1])}: no item {part!r} in {where}, a list of {len(node)} "
-            f"(indices 0..{len(node) - 1}; override {text!r})"
+            f"({indices}; override {text!r})"
         )
     raise ConfigError(f"override {text!r}: {where} is {node!r}, not a section")
 
