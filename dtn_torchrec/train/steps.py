@@ -81,7 +81,9 @@ class StepRunner:
                 except StopIteration:
                     return
         for batch in batches:
-            batch = batch.to(self.device)
+            # Asynchronous when the reader pinned the batch; ordered before the forward on the
+            # same stream either way.
+            batch = batch.to(self.device, non_blocking=True)
             if not train:
                 yield self.model(batch)[1]
                 continue
