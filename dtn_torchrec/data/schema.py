@@ -55,18 +55,18 @@ class FieldSpec:
         weight_column: Parquet column with per-id float weights, or None.
         cardinality: distinct ids seen in the training split (after mapping); for ``raw`` ids
             a sketch's estimate.
-        cardinality_rse: relative standard error of ``cardinality`` (0: an exact count).
         mean_length: mean list length over the training split.
         max_length: longest list seen in the training split.
+        cardinality_rse: relative standard error of ``cardinality`` (0: an exact count).
     """
 
     name: str
     num_embeddings: int
     weight_column: Optional[str] = None
     cardinality: int = 0
-    cardinality_rse: float = 0.0
     mean_length: float = 0.0
     max_length: int = 0
+    cardinality_rse: float = 0.0
 
     @property
     def multi_valued(self) -> bool:
