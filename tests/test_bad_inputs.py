@@ -398,3 +398,20 @@ def test_dataset_modes_follow_the_umask(
     assert out.stat().st_mode & 0o777 == mode
     assert (out / "schema.json").stat().st_mode & 0o777 == mode & 0o666
     assert (out / "train").stat().st_mode & 0o777 == mode
+
+
+def test_vocab_from_a_corrupt_vocabulary_names_the_file(
+    csv_input: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = tmp_path / "base"
+    assert _prepare(csv_input, base) == 0
+    vocab_file = base / "vocab" / "205.parquet"
+    vocab_file.write_bytes(b"not parquet")
+    new = tmp_path / "new"
+    assert _prepare(csv_input, new, "--vocab-from", str(base)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(vocab_file) in err
+    assert not new.exists()
+    # The --vocab-from dataset is an input: never replaced, even with --overwrite.
+    assert _prepare(csv_input, base, "--vocab-from", str(base), "--overwrite") == 1
+    assert "input" in capsys.readouterr().err and vocab_file.read_bytes() == b"not parquet"
