@@ -145,6 +145,16 @@ def _check_empty_lists_kept(schema: dict, out: Path) -> None:
     )
 
 
+def _check_skip_bad_counts(*reasons: str) -> Callable[[dict, Path], None]:
+    def check(schema: dict, out: Path) -> None:
+        split = schema["splits"]["train"]
+        assert split["dropped"] == {reason: 1 for reason in reasons}
+        assert split["rows"] == 2 and split["rows_read"] == 2 + len(reasons)
+        assert rows_of(out, "train", "click") == [1, 1]
+
+    return check
+
+
 CSV = {"train.csv": lines(CSV_HEADER, *CSV_GOOD)}
 CASES: Dict[str, Case] = {
     # --- 0 is an id in csv; --missing-id says which raw id means missing --------------------
@@ -166,6 +176,11 @@ CASES: Dict[str, Case] = {
     "negative_id_csv": Case(
         {"train.csv": lines(CSV_HEADER, "1,0,5,6", "0,0,-3,6")},
         error=("train.csv", 3, "101", "negative_id"),
+    ),
+    "negative_id_and_cut_last_line_skip_bad": Case(
+        {"train.csv": lines(CSV_HEADER, "1,0,5,6", "0,0,-3,6", "1,1,7,8", "0,0,9", end="")},
+        args=["--skip-bad"],
+        check=_check_skip_bad_counts("negative_id", "wrong_column_count"),
     ),
     "negative_id_raw": Case(
         raw_files(RAW_GOOD[:2] + [skeleton(3, 0, 0, [feat("205", -7)])]),
