@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -126,3 +127,25 @@ def test_unreadable_marker_is_no_marker(tmp_path: Path) -> None:
     assert output_marker_tool(tmp_path) is None
     (tmp_path / OUTPUT_MARKER).write_text('["dtn-predict"]')
     assert output_marker_tool(tmp_path) is None
+
+
+def test_export_path_replaces_only_an_earlier_export(tmp_path: Path) -> None:
+    from dtn_torchrec.serving.export import EXPORT_FORMAT, check_export_path, report_path
+
+    path = tmp_path / "model.pt"
+    check_export_path(path, overwrite=False)  # nothing there
+    path.write_text("someone's file")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=f"--export {path} exists and is not an earlier"):
+            check_export_path(path, overwrite=overwrite)
+    report_path(path).write_text(json.dumps({"format": EXPORT_FORMAT, "file": "model.pt"}))
+    with pytest.raises(FileExistsError, match="holds an earlier export; pass --overwrite"):
+        check_export_path(path, overwrite=False)
+    check_export_path(path, overwrite=True)
+    path.unlink()
+    report_path(path).write_text("{}")  # a foreign model.pt.json would be replaced too
+    with pytest.raises(FileExistsError, match="model.pt.json exists and is not an earlier"):
+        check_export_path(path, overwrite=True)
+    with pytest.raises(FileExistsError, match="is a directory"):
+        check_export_path(tmp_path, overwrite=True)
+    assert path.exists() is False and report_path(path).read_text() == "{}"

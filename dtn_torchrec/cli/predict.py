@@ -37,7 +37,12 @@ from dtn_torchrec.cli.common import (
     fail,
 )
 from dtn_torchrec.distributed.launch import DistributedContext, init_distributed, shutdown_and_exit
-from dtn_torchrec.serving.export import QUANTIZATIONS, export_model, report_path
+from dtn_torchrec.serving.export import (
+    QUANTIZATIONS,
+    check_export_path,
+    export_model,
+    report_path,
+)
 from dtn_torchrec.serving.loading import (
     check_run_config,
     load_unsharded_model,
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an earlier dtn-predict output (never anything else)",
+        help="replace an earlier dtn-predict output or export (never anything else)",
     )
     add_allow_config_change_argument(parser)
     parser.add_argument(
@@ -93,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Exports on this single process and prints the report's numbers."""
+    check_export_path(args.export, overwrite=args.overwrite)
     data = SchemaSpec.load(args.input)
     ref = resolve_checkpoint(args.checkpoint)
     check_run_config(cfg, ref, allow_change=args.allow_config_change)

@@ -265,3 +265,38 @@ def export_model(
 def report_path(path: str | os.PathLike) -> Path:
     """The JSON report written next to an export."""
     return Path(f"{os.fspath(path)}.json")
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` and its report are an earlier export (the report names the file)."""
+    try:
+        report = json.loads(report_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(report, dict)
+        and report.get("format") == EXPORT_FORMAT
+        and report.get("file") == path.name
+    )
+
+
+def check_export_path(path: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuses an export path that would replace anything but an earlier export, or an earlier
+    export without ``overwrite``; writes nothing.
+
+    Raises:
+        FileExistsError: naming the path.
+    """
+    path = Path(path)
+    if path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"--export {path} is a directory or a link; give a file path")
+    taken = [p for p in (path, report_path(path)) if p.exists() or p.is_symlink()]
+    if not taken:
+        return
+    if not _is_export(path):
+        raise FileExistsError(
+            f"--export {taken[0]} exists and is not an earlier export (no matching "
+            f"{report_path(path).name}); choose another path"
+        )
+    if not overwrite:
+        raise FileExistsError(f"--export {path} holds an earlier export; pass --overwrite")
