@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if variant == "fp32-loop":
             model.model.dense_arch = without_fusion(model.model.dense_arch)
         if variant.startswith("bf16"):
-            model.model.dense_precision = "bf16"
+            model.model.set_dense_precision("bf16", "cpu")
         if variant.endswith("compiled"):
             model.model.dense_arch.compile()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)

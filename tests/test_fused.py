@@ -157,3 +157,16 @@ def test_experts_of_different_shapes_are_not_fused() -> None:
     assert fused_experts_forward([MLPExpert(6, [4], 3), MLPExpert(6, [5], 3)]) is None
     assert fused_experts_forward([MLPExpert(6, [4], 3)]) is None
     assert fused_experts_forward([MLPExpert(6, [4], 3), MLPExpert(6, [4], 3)]) is not None
+
+
+def test_fused_weight_gradients_arrive_in_the_weights_layout() -> None:
+    """DDP copies (and warns about) gradients whose strides differ from the parameter's."""
+    for fused in (shared_input_linear, stacked_linear):
+        layers = [nn.Linear(5, 3) for _ in range(3)]
+        contiguous: List[bool] = []
+        for layer in layers:
+            for p in layer.parameters():
+                p.register_hook(lambda g: contiguous.append(g.is_contiguous()))
+        x = torch.randn(7, 5) if fused is shared_input_linear else torch.randn(3, 7, 5)
+        (fused(x, layers) * torch.randn(3, 7, 3)).sum().backward()
+        assert len(contiguous) == 2 * len(layers) and all(contiguous), fused.__name__

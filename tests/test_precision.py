@@ -73,3 +73,19 @@ def test_bf16_step_keeps_fp32_weights_grads_and_logits_close_to_fp32(name: str) 
         assert param.dtype == torch.float32, param_name
         if param.grad is not None:
             assert param.grad.dtype == torch.float32, param_name
+
+
+def test_bf16_model_traces_like_the_train_pipeline() -> None:
+    """TrainPipelineSparseDist fx-traces the model to find its sharded modules; autocast must
+    not read traced values (the device type is fixed when the precision is set)."""
+    import torchrec.fx
+
+    schema = SchemaSpec(
+        fields=[FieldSpec(name=f, num_embeddings=50, max_length=1) for f in ALICCP_FIELDS[:6]],
+        labels=list(ALICCP_LABELS),
+    )
+    section = {"name": "mmoe", "tasks": ["click", "conversion"], "embedding": {"embedding_dim": 8}}
+    model = build_train_model(model_config_from_dict(section), schema, device=torch.device("cpu"))
+    configure_dense_arch(model.model, "bf16", False, torch.device("cpu"))
+    graph = torchrec.fx.symbolic_trace(model)
+    assert any(node.op == "call_module" for node in graph.graph.nodes)

@@ -22,8 +22,6 @@ class MultiTaskModel(nn.Module):
         dense_arch (nn.Module): ``ExpertInputs`` -> head logits ``[B, T]``.
         tasks (List[str]): task names, the output columns.
         relation (Optional[ProductRelation]): ESMM-style products of head probabilities, or None.
-        dense_precision (Precision): ``fp32``, or ``bf16`` autocast over ``dense_arch`` (its
-            logits come back as fp32; the embeddings and the relation stay fp32).
 
     Example::
 
@@ -37,14 +35,21 @@ class MultiTaskModel(nn.Module):
         dense_arch: nn.Module,
         tasks: List[str],
         relation: Optional[ProductRelation] = None,
-        dense_precision: Precision = "fp32",
     ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
         self.dense_arch = dense_arch
         self.relation = relation
         self.tasks: List[str] = list(tasks)
-        self.dense_precision: Precision = dense_precision
+        self.dense_precision: Precision = "fp32"
+        self._autocast_device: str = "cpu"
+
+    def set_dense_precision(self, precision: Precision, device_type: str) -> None:
+        """Runs ``dense_arch`` in ``precision``: ``bf16`` = autocast on ``device_type`` (its
+        logits come back as fp32; the embeddings and the relation stay fp32). The device is
+        fixed here because the train pipeline fx-traces ``forward``."""
+        self.dense_precision = precision
+        self._autocast_device = device_type
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: features: one KJT key per schema field. Returns: logits ``[B, T]`` in task order."""
@@ -52,7 +57,7 @@ class MultiTaskModel(nn.Module):
         if self.dense_precision == "fp32":
             logits = self.dense_arch(inputs)
         else:
-            with dense_autocast(features.values().device.type, self.dense_precision):
+            with dense_autocast(self._autocast_device, self.dense_precision):
                 logits = self.dense_arch(inputs)
             logits = logits.float()
         if self.relation is not None:

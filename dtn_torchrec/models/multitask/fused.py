@@ -46,9 +46,11 @@ def batched_linear(
         flat_bias = bias.reshape(num * out) if bias is not None else None
         y = nn.functional.linear(x, weight.reshape(num * out, -1), flat_bias)  # [B, E*out]
         return y.view(-1, num, out).transpose(0, 1)
-    if bias is None:
-        return torch.bmm(x, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    # y^T = W x^T: the weight gradient (dy^T x) then comes out in the weights' own layout, so
+    # DDP's gradient buckets take it without a strided copy.
+    x_t = x.transpose(1, 2)  # [E, in, B]
+    y_t = torch.bmm(weight, x_t) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, x_t)
+    return y_t.transpose(1, 2)
 
 
 def _stack(layers: Sequence[nn.Linear]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

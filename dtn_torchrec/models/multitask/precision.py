@@ -72,7 +72,7 @@ def configure_dense_arch(
     with ``compile_dense``, compiles its dense arch in place (``nn.Module.compile`` keeps the
     parameter names, so checkpoints do not change). Returns the resolved precision."""
     resolved = resolve_precision(precision, device)
-    model.dense_precision = resolved
+    model.set_dense_precision(resolved, device.type)
     if compile_dense:
         model.dense_arch.compile()
     return resolved
