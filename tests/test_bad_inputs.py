@@ -155,6 +155,15 @@ def _check_skip_bad_counts(*reasons: str) -> Callable[[dict, Path], None]:
     return check
 
 
+def _check_raw_backup_ignored(schema: dict, out: Path) -> None:
+    taken = [Path(p).name for p in schema["summary"]["sources"]["train"]]
+    assert taken == ["sample_skeleton_train.csv"]
+    assert [Path(p).name for p in schema["summary"]["ignored_inputs"]] == [
+        "sample_skeleton_train.csv.bak"
+    ]
+    assert schema["splits"]["train"]["rows"] == len(RAW_GOOD)
+
+
 CSV = {"train.csv": lines(CSV_HEADER, *CSV_GOOD)}
 CASES: Dict[str, Case] = {
     # --- 0 is an id in csv; --missing-id says which raw id means missing --------------------
@@ -285,6 +294,11 @@ CASES: Dict[str, Case] = {
             "test.txt": lines(*CSV_GOOD),
         },
         check=_check_only_data_files,
+    ),
+    "raw_input_dir_ignores_a_backup_skeleton": Case(
+        {**raw_files(RAW_GOOD), "sample_skeleton_train.csv.bak": b"junk\n"},
+        fmt="aliccp-raw",
+        check=_check_raw_backup_ignored,
     ),
     "input_dir_without_data_files": Case(
         {"train.csv.bak": lines(CSV_HEADER, *CSV_GOOD)},

@@ -293,7 +293,7 @@ def parse_with_main(main: Callable[..., Any], args: List[str], where: str) -> ar
 
 
 def check_configs(namespace: argparse.Namespace, where: str) -> int:
-    """Loads every ``--config``/``--configs`` file with the command's overrides; returns how many."""
+    """Loads each ``--config``/``--configs`` file with the command's overrides; returns how many."""
     paths: List[str] = []
     for name in ("config", "configs"):
         value = getattr(namespace, name, None)
@@ -376,7 +376,7 @@ def check_command(command: DocCommand, paths: Dict[str, str]) -> None:
     elif program == "pip":
         pass  # the GPU install recipe: pip's own command line, not ours
     else:
-        raise AssertionError(f"{where}: unknown program {program!r}: teach this test or fix the doc")
+        raise AssertionError(f"{where}: unknown program {program!r}: teach this test or fix it")
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -430,7 +430,9 @@ PARSE_PATHS = {"raw": "raw", "data": "data"}
 
 def test_a_wrong_flag_or_key_is_caught() -> None:
     with pytest.raises(AssertionError, match="parser refused"):
-        check_command(DocCommand("x:1", ("dtn-synth", "--output", "raw", "--rows", "3")), PARSE_PATHS)
+        check_command(
+            DocCommand("x:1", ("dtn-synth", "--output", "raw", "--rows", "3")), PARSE_PATHS
+        )
     with pytest.raises(AssertionError, match="train.epoch"):
         check_command(
             DocCommand("x:2", ("dtn-train", "--config", "CFG", "train.epoch=2")), PARSE_PATHS
