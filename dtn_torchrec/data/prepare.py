@@ -5,7 +5,7 @@ Passes: (1) ``vocab`` only: count raw ids over the rows that will be written to 
 (after the label rule and the valid split); (2) per input file: parse blocks, drop rows, route
 ``train``/``valid``, map ids, join raw Ali-CCP common features, write Parquet row groups.
 Memory follows block size, vocabulary size and (raw Ali-CCP) one split's common-features table,
-never the number of rows.
+never the number of rows; ``raw`` ids (no vocabulary) are counted by fixed-size sketches.
 
 Rows dropped, counted per split in ``schema.json["splits"][split]["dropped"][reason]``:
 
