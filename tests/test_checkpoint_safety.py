@@ -10,6 +10,8 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -280,3 +282,55 @@ def test_differing_keys_lists_dotted_paths() -> None:
         "model.b.c.1.d", "model.b.e", "model.b.f"
     ]
     assert differing_keys([1, 2], [1], "m") == ["m"]
+
+
+# -- the commands: one-line errors, overrides after --resume -----------------------------------
+
+
+def _cli(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / name), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_cli_resume_with_overrides_after_it_refuses_a_model_change(trained, tmp_path: Path) -> None:
+    run = _copy_run(trained, tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(run["raw"], sort_keys=False))
+    before = _snapshot(run["run"])
+    result = _cli(
+        "dtn-train", "--config", str(config), "--resume", "train.max_steps=6",
+        "model.embedding.pooling=sum",
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dtn-train: error: rank 0: the model config differs from the run's "
+        f"{run['run'] / CONFIG_FILE}: model.embedding.pooling ('mean' -> 'sum'); pass "
+        "--allow-config-change to use it anyway"
+    )
+    assert _snapshot(run["run"]) == before
+
+
+@pytest.mark.slow
+def test_cli_predict_runs_no_payload_and_names_the_file(trained, tmp_path: Path) -> None:
+    run = _copy_run(trained, tmp_path)
+    step = run["steps"] / "step_4"
+    attack = tmp_path / ATTACK_FILE
+    (step / ".metadata").write_bytes(pickle.dumps(_CreatesFile(attack)))
+    _rewrite_manifest(step)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(run["raw"], sort_keys=False))
+    result = _cli(
+        "dtn-predict", "--config", str(config), "--checkpoint", str(step), "--input",
+        str(run["data"]), "--output", str(tmp_path / "pred"),
+    )
+    assert result.returncode == 1 and not attack.exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dtn-predict: error: {step / '.metadata'}: unreadable checkpoint")
+    assert "global io.open is not allowed" in last
+    assert not (tmp_path / "pred").exists()

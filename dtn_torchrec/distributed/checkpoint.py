@@ -219,6 +219,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.rank_local_keys = tuple(rank_local_keys)
         self._pg = pg
+        self._reported_damaged: set[int] = set()  # warned about once per manager
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -252,18 +253,21 @@ class CheckpointManager:
             if text.isdigit() and int(text) in candidates:
                 candidates.remove(int(text))
                 candidates.insert(0, int(text))
-        damaged: List[CorruptCheckpointError] = []
+        damaged: Dict[int, CorruptCheckpointError] = {}
         for step in candidates:
             try:
                 self.verify(step)
             except CorruptCheckpointError as e:
-                damaged.append(e)
+                damaged[step] = e
                 continue
-            for error in damaged:
-                logger.warning("skipping a damaged checkpoint, using step %d: %s", step, error)
+            for bad, error in damaged.items():
+                if bad not in self._reported_damaged:
+                    self._reported_damaged.add(bad)
+                    logger.warning("skipping a damaged checkpoint, using step %d: %s", step, error)
             return step
         if damaged:
-            raise CorruptCheckpointError(f"no intact checkpoint in {self.directory}: {damaged[0]}")
+            newest = next(iter(damaged.values()))
+            raise CorruptCheckpointError(f"no intact checkpoint in {self.directory}: {newest}")
         return None
 
     def verify(self, step: int) -> Dict[str, Any]:
