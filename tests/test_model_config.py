@@ -180,6 +180,10 @@ def test_missing_section_takes_the_architectures_defaults() -> None:
         ({"loss": {"pos_weights": {"buy": 2.0}}}, r"unknown task"),
         ({"loss": {"relation": "esmm"}}, r"^loss\.product_of: relation 'esmm' needs it"),
         ({"dtn": None}, r"^dtn: expected a mapping"),
+        (
+            {"name": "ple", "ple": {"expert": {"kind": "memonet"}}},
+            r"^ple\.expert: a memonet expert hashes raw field pairs",
+        ),
         ({"embedding": {"pooling": "max"}}, r"^embedding\.pooling: must be one of \['sum', 'mean'\]"),
         ({"embedding": {"init_std": 0}}, r"^embedding\.init_std: must be > 0, got 0"),
     ],

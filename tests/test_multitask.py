@@ -228,9 +228,9 @@ def test_ple_gates_are_real_softmaxes_over_experts() -> None:
 
 
 def test_ple_rejects_memonet_above_first_level() -> None:
-    cfg = PLEConfig(num_levels=2, expert=MemoNetConfig())
-    with pytest.raises(ValueError, match="memonet"):
-        PLE(cfg, ["click", "conversion"], NF, D, NO_HIDDEN, fake_factory)
+    with pytest.raises(ValueError, match="^expert: a memonet expert .* use num_levels: 1"):
+        PLEConfig(num_levels=2, expert=MemoNetConfig())
+    assert PLEConfig(num_levels=1, expert=MemoNetConfig()).num_levels == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dtn_torchrec.dataclass_config import check_at_least, check_one_of
-from dtn_torchrec.models.experts import ExpertConfig, MLPConfig
+from dtn_torchrec.models.experts import ExpertConfig, MemoNetConfig, MLPConfig
 from dtn_torchrec.models.multitask.config import (
     ARCHITECTURES,
     GATE_ACTIVATIONS,
@@ -71,11 +71,6 @@ class PLE(nn.Module):
     ) -> None:
         super().__init__()
         check_task_names(tasks, reserved=(SHARED,))
-        if config.num_levels > 1 and config.expert.kind == "memonet":
-            raise ValueError(
-                "ple.expert.kind 'memonet' hashes raw field pairs and cannot read the dense output "
-                "of a lower PLE level; use num_levels: 1 or another expert kind"
-            )
         self._tasks: List[str] = list(tasks)
         self._num_levels: int = config.num_levels
         self.task_experts = nn.ModuleList()
@@ -162,6 +157,11 @@ class PLEConfig(ArchitectureConfig):
         check_at_least("task_experts", self.task_experts, 1)
         check_at_least("shared_experts", self.shared_experts, 1)
         check_one_of("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
+        if self.num_levels > 1 and isinstance(self.expert, MemoNetConfig):
+            raise ValueError(
+                "expert: a memonet expert hashes raw field pairs and cannot read the dense output "
+                "of a lower PLE level; use num_levels: 1 or another expert kind"
+            )
 
     def expert_configs(self) -> List[ExpertConfig]:
         return [self.expert]
