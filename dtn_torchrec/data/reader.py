@@ -270,7 +270,9 @@ class ParquetBatchReader:
         return ordered_map(self._assemble, self._batch_rows(epoch, start), self.workers)
 
     def _assemble(self, pieces: Optional[List[Tuple[DecodedWindow, np.ndarray]]]) -> Batch:
-        batch = self._to_batch(pieces) if pieces is not None else self._empty_batch()
+        if pieces is None:  # nothing to copy; pinning would also drop its per-key JaggedTensors
+            return self._empty_batch()
+        batch = self._to_batch(pieces)
         return batch.pin_memory() if self.pin_memory else batch
 
     def _batch_rows(self, epoch: int, start: int) -> Iterator[Optional[List[Tuple[DecodedWindow, np.ndarray]]]]:
