@@ -144,10 +144,8 @@ def test_pickle_payload_runs_no_code(
     message = str(info.value)
     assert not attack.exists()
     assert "\n" not in message
-    # The refused file is named; a forged data file is refused by DCP's weights-only load, named
-    # by its checkpoint directory.
-    named = step if (manifest, target) == ("forged", "__0_0.distcp") else step / target
-    assert os.fspath(named) in message
+    # The refused file is named (a forged data file: refused by DCP's weights-only load).
+    assert os.fspath(step / target) in message
     assert _snapshot(run["run"]) == before
     assert not (tmp_path / "pred").exists() and not (tmp_path / "analysis").exists()
 

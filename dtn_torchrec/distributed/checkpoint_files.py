@@ -19,13 +19,16 @@ can call arbitrary globals:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping
+
+from torch.futures import Future
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
 METADATA_FILE = ".metadata"
 # Files small enough to hash at every save and load (the DCP metadata, the per-rank state).
@@ -99,7 +102,23 @@ def read_metadata_file(path: str | os.PathLike) -> Metadata:
 
 
 class CheckpointReader(FileSystemReader):
-    """DCP's file-system reader with the metadata read by :func:`read_metadata_file`."""
+    """DCP's file-system reader with the metadata read by :func:`read_metadata_file`, and data
+    read file by file so that a failure names its file."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_file: Dict[str, List[ReadItem]] = {}
+        for item in plan.items:
+            by_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in by_file.items():
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt file
+                raise CorruptCheckpointError(
+                    f"{Path(self.path) / name}: unreadable tensor data ({_reason(e)})"
+                ) from e
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_metadata_file(self._get_metadata_path(kwargs.get("rank")))
