@@ -17,6 +17,8 @@ from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.config import ModelConfig, model_config_from_dict
 from dtn_torchrec.models.experts import EXPERTS, ExpertConfig, MemoNetConfig, memonet_pair_hash
 from dtn_torchrec.models.multitask import ARCHITECTURES, ArchitectureConfig, DTNConfig
+from dtn_torchrec.models.multitask import config as multitask_config
+from dtn_torchrec.models.multitask import gates, towers
 from dtn_torchrec.models.stats import aliccp_reference_schema, count_parameters
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -99,6 +101,12 @@ def test_every_kind_has_only_its_own_fields() -> None:
         assert cls.name == name and fields_of(cls) == fields, name
     assert fields_of(ArchitectureConfig) == []
     assert fields_of(ModelConfig) == ["architecture", "tasks", "embedding", "tower", "loss"]
+
+
+def test_config_choices_match_what_the_modules_build() -> None:
+    # The configs check names without importing the modules that map them to functions.
+    assert set(multitask_config.GATE_ACTIVATIONS) == set(gates.GATE_ACTIVATIONS)
+    assert set(multitask_config.TOWER_ACTIVATIONS) == set(towers.TOWER_ACTIVATIONS)
 
 
 def test_model_config_from_dict_builds_nested_dataclasses() -> None:
