@@ -321,6 +321,7 @@ def test_architecture_switch_drops_the_other_section() -> None:
     assert cfg.model.embedding.embedding_dim == 16  # the rest of the file still applies
 
 
+@pytest.mark.slow
 def test_dtn_train_rejects_bad_override_with_one_line_reason() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "dtn_torchrec.cli.train", "--config",
