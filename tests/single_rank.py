@@ -6,7 +6,7 @@ processes (a world of one still runs the sharded modules' input / output dists).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 import torch
@@ -76,15 +76,22 @@ def one_rank_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def sharded_train_model(name: str) -> DistributedModelParallel:
-    """``build_train_model`` on meta -> fused row-wise Adagrad -> plan -> DMP, on one CPU rank."""
+def sharded_train_model(
+    name: str, sharding: Optional[ShardingConfig] = None
+) -> DistributedModelParallel:
+    """``build_train_model`` on meta -> fused row-wise Adagrad -> plan -> DMP, on the CPU ranks
+    of the default group."""
     torch.manual_seed(0)
     cfg = model_config_from_dict(model_section(name))
     module = build_train_model(cfg, SCHEMA, device=torch.device("meta"))
     apply_sparse_optimizer(module, SparseOptimizerConfig())
-    sharding = ShardingConfig()
+    sharding = sharding or ShardingConfig()
     plan = plan_model(
-        module, sharding, topology=topology_from_env("cpu", sharding), batch_size=BATCH_SIZE
+        module,
+        sharding,
+        topology=topology_from_env("cpu", sharding),
+        batch_size=BATCH_SIZE,
+        pg=dist.group.WORLD,
     )
     return shard_model(module, device=CPU, plan=plan)
 

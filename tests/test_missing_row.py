@@ -4,7 +4,7 @@ missing one before and after training; trained like any row once training ids ma
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -112,3 +112,46 @@ def test_row_zero_is_trained_when_training_ids_map_to_it(one_rank_group) -> None
     assert len(looked_up) == 2 and all(bool(rows[k].abs().sum() > 0) for k in looked_up)
     untouched = [k for k in rows if k not in looked_up]
     assert all(torch.equal(rows[k], torch.zeros_like(rows[k])) for k in untouched)
+
+
+def _first_rows_of_shards(sharding_types: Dict[str, str]) -> Dict[str, List[List[Any]]]:
+    """This rank's shards of every field table: [row offset, rows, first row zero, zero rows]."""
+    from dtn_torchrec.distributed.config import ShardingConfig, TableShardingConfig
+    from single_rank import sharded_train_model as build
+
+    sharding = ShardingConfig(
+        tables={t: TableShardingConfig(sharding_types=[s]) for t, s in sharding_types.items()}
+    )
+    shards: Dict[str, List[List[Any]]] = {}
+    for key, value in build("mmoe", sharding).state_dict().items():
+        if ".embedding_bags.t_" in key:
+            table = key.split(".embedding_bags.")[1].split(".")[0]
+            shards[table] = [
+                [
+                    int(s.metadata.shard_offsets[0]),
+                    int(s.tensor.shape[0]),
+                    bool((s.tensor[0] == 0).all()),
+                    int((s.tensor == 0).all(dim=1).sum()),
+                ]
+                for s in value.local_shards()
+            ]
+    return shards
+
+
+@pytest.mark.slow
+def test_row_zero_is_zero_under_every_sharding_on_two_ranks() -> None:
+    from dist_utils import run_on_ranks
+
+    types = {"t_u": "row_wise", "t_hist": "column_wise", "t_i": "table_wise", "t_c": "row_wise"}
+    per_rank = run_on_ranks(_first_rows_of_shards, 2, sharding_types=types)
+    for table, sharding in types.items():
+        shards = [s for rank in per_rank for s in rank.get(table, [])]
+        first = [s for s in shards if s[0] == 0]
+        assert first and all(s[2] for s in first), (table, shards)  # global row 0 is zero
+        if sharding == "row_wise":
+            # Each row-wise shard zeroes its first row: row 0, and one real id per later shard.
+            rows_from = {s[0]: s[1] for s in shards}
+            assert sorted(rows_from) == [0, rows_from[0]]  # two shards, split at rows_from[0]
+            assert all(s[2] and s[3] == 1 for s in shards)
+        else:
+            assert all(s[3] == 1 for s in shards), (table, shards)
