@@ -109,23 +109,16 @@ def training_rate(dataset: Path, config: str, batch_size: int, steps: int) -> Di
     tables, dense Adam) over batches already in memory: what training consumes."""
     from dtn_torchrec.distributed.config import DenseOptimizerConfig, ShardingConfig, SparseOptimizerConfig
     from dtn_torchrec.distributed.launch import init_distributed
-    from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
-    from dtn_torchrec.distributed.parallel import shard_model
-    from dtn_torchrec.distributed.planning import plan_model
-    from dtn_torchrec.distributed.topology import topology_from_env
-    from dtn_torchrec.models.builder import build_train_model
+    from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
+    from dtn_torchrec.distributed.optimizers import build_dense_optimizer
     from dtn_torchrec.models.config import model_config_from_dict
 
     ctx = init_distributed()
     schema = SchemaSpec.load(dataset)
     with open(config) as f:
         model_cfg = model_config_from_dict(yaml.safe_load(f)["model"])
-    model = build_train_model(model_cfg, schema, torch.device("meta"))
-    apply_sparse_optimizer(model, SparseOptimizerConfig("rowwise_adagrad", lr=0.05))
-    sharding = ShardingConfig()
-    plan = plan_model(model, sharding, topology=topology_from_env(ctx.device.type, sharding),
-                      batch_size=batch_size, pg=torch.distributed.group.WORLD)
-    dmp = shard_model(model, device=ctx.device, plan=plan)
+    model = build_meta_train_model(model_cfg, schema, SparseOptimizerConfig("rowwise_adagrad", lr=0.05))
+    dmp, _ = build_sharded_model(model, ShardingConfig(), schema, device=ctx.device, batch_size=batch_size)
     optimizer, _, _ = build_dense_optimizer(dmp, DenseOptimizerConfig(name="adam", lr=1e-3))
     batches: List = []
     for batch in ParquetBatchReader(str(dataset), "train", batch_size):

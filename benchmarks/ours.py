@@ -23,10 +23,9 @@ from benchmarks.common import TrainRun, rank_record, timed_windows
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.distributed.config import ShardingConfig
+from dtn_torchrec.distributed.build import build_sharded_model
 from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
-from dtn_torchrec.distributed.parallel import shard_model
-from dtn_torchrec.distributed.planning import plan_model, plan_to_json
-from dtn_torchrec.distributed.topology import topology_from_env
+from dtn_torchrec.distributed.planning import plan_to_json
 from dtn_torchrec.models.builder import build_train_model
 
 _PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
@@ -74,9 +73,7 @@ def ours_rank(run: TrainRun) -> Dict[str, Any]:
     sharding: ShardingConfig = cfg.sharding
     if run.sharding_types is not None:
         sharding = ShardingConfig(sharding_types=list(run.sharding_types))
-    topology = topology_from_env(device.type, sharding)
-    plan = plan_model(model, sharding, topology=topology, batch_size=run.batch_size, pg=dist.group.WORLD)
-    dmp = shard_model(model, device=device, plan=plan)
+    dmp, plan = build_sharded_model(model, sharding, schema, device=device, batch_size=run.batch_size)
     optimizers = build_dense_optimizer(dmp, cfg.train.dense_optimizer)
     pipeline = TrainPipelineSparseDist(dmp, optimizers.optimizer, device, execute_all_batches=True)
     reader = ParquetBatchReader(

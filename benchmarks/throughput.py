@@ -59,7 +59,9 @@ from benchmarks.reference import reference_rank
 from benchmarks.synthetic import aliccp_like_fields, cached_dataset
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
-from dtn_torchrec.distributed.plan_report import embedding_table_configs, feature_ids_per_row
+from dtn_torchrec.distributed.build import feature_ids_per_row
+from dtn_torchrec.distributed.planning import find_embedding_tables
+from dtn_torchrec.distributed.sharders import embedding_sharders
 from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.config import ModelConfig
 from dtn_torchrec.models.stats import model_stats
@@ -119,9 +121,9 @@ def embedding_bytes_per_sample(model_config: ModelConfig, schema: SchemaSpec, op
     model = build_model(model_config, schema, device=torch.device("meta"))
     ids = feature_ids_per_row(schema, model)
     total = 0.0
-    for config in embedding_table_configs(model).values():
-        per_row = sum(ids.get(f, 1.0) for f in config.feature_names)
-        total += per_row * (4 * config.embedding_dim + update_bytes_per_id(optimizer, config.embedding_dim))
+    for table in find_embedding_tables(model, embedding_sharders()):
+        per_row = sum(ids.get(f, 1.0) for f in table.feature_names)
+        total += per_row * (4 * table.embedding_dim + update_bytes_per_id(optimizer, table.embedding_dim))
     return total
 
 

@@ -9,21 +9,23 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
-from torchrec.distributed.planner import ParameterConstraints
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from dtn_torchrec.cli.plan import main as plan_main
-from dtn_torchrec.distributed.config import SparseOptimizerConfig
+from dtn_torchrec.distributed.config import (
+    ShardingConfig,
+    SparseOptimizerConfig,
+    TableShardingConfig,
+)
 from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer
 from dtn_torchrec.distributed.plan_report import (
-    ClusterSpec,
     PlanDoesNotFit,
     estimate_comms,
     plan_sharding,
     rank_memory,
 )
-from dtn_torchrec.distributed.sharders import embedding_sharders
+from dtn_torchrec.distributed.topology import ClusterSpec
 from dtn_torchrec.models.stats import ALICCP_VOCAB_LINES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,13 +134,15 @@ def _two_table_module(optimizer: str) -> EmbeddingBagCollection:
 def _plan(sharding_type: str, pooling: List[float], world: int = 4, local: int = 2, optimizer: str = "adagrad"):
     cluster = ClusterSpec(world_size=world, local_world_size=local, compute_device="cuda", hbm_gb=1)
     topology = cluster.topology()
-    constraints = {
-        f"t{i}": ParameterConstraints(sharding_types=[sharding_type], compute_kernels=["fused"], pooling_factors=[p])
-        for i, p in enumerate(pooling)
-    }
+    cfg = ShardingConfig(
+        tables={
+            f"t{i}": TableShardingConfig([sharding_type], ["fused"], pooling_factor=p)
+            for i, p in enumerate(pooling)
+        },
+        storage_reservation=0.0,
+    )
     _, options = plan_sharding(
-        _two_table_module(optimizer), sharders=embedding_sharders(), constraints=constraints, topology=topology,
-        batch_size=BATCH, storage_reservation=0.0, optimizer=optimizer,
+        _two_table_module(optimizer), cfg, None, topology=topology, batch_size=BATCH, optimizer=optimizer
     )
     return topology, options
 
@@ -183,11 +187,11 @@ def test_rank_memory_splits_the_planner_estimate() -> None:
 def test_no_plan_raises_with_advice() -> None:
     # 2 tables x 1000 x 16 fp32 with Adagrad = 256 KB; 4 ranks x 1 KB cannot hold them.
     cluster = ClusterSpec(world_size=4, local_world_size=2, compute_device="cuda", hbm_gb=1e-6)
-    constraints = {f"t{i}": ParameterConstraints(compute_kernels=["fused"]) for i in range(2)}
+    cfg = ShardingConfig(storage_reservation=0.0)
     with pytest.raises(PlanDoesNotFit, match="do not fit") as info:
         plan_sharding(
-            _two_table_module("adagrad"), sharders=embedding_sharders(), constraints=constraints,
-            topology=cluster.topology(), batch_size=BATCH, storage_reservation=0.0, optimizer="adagrad",
+            _two_table_module("adagrad"), cfg, None, topology=cluster.topology(), batch_size=BATCH,
+            optimizer="adagrad",
         )
     need = 2 * 2 * ROWS * DIM * 4  # weights + one Adagrad value per weight
     per_rank = math.floor(1e-6 * GIB)

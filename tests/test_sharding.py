@@ -14,6 +14,7 @@ from dist_utils import run_on_ranks
 from toy_model import BAG_FEATURES, BAG_ROWS, ToyModel, ToyTrain, bag_table
 from dtn_torchrec.distributed.config import ShardingConfig, TableShardingConfig
 from dtn_torchrec.distributed.planning import (
+    column_shards,
     find_embedding_tables,
     format_plan,
     plan_model,
@@ -140,14 +141,34 @@ def test_row_wise_plan_on_cpu_splits_rows_evenly() -> None:
         ]
 
 
-def test_unconstrained_cpu_tables_keep_torchrec_default_offer() -> None:
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_unconstrained_tables_are_never_offered_data_parallel(device: str) -> None:
+    sharders = embedding_sharders()
+    tables = find_embedding_tables(_meta_model(), sharders)
     cfg = ShardingConfig()
-    topology = make_topology(world_size=2, local_world_size=2, compute_device="cpu", cfg=cfg)
-    plan = plan_to_json(plan_model(_meta_model(), cfg, topology=topology, batch_size=BATCH_SIZE))
-    stock_ebc = {"data_parallel", "table_wise", "column_wise", "table_column_wise"}
-    for feature in BAG_FEATURES:
-        assert plan["model.ebc"][bag_table(feature)]["sharding_type"] in stock_ebc
-    assert plan["model.ec"]["c0"]["sharding_type"] != "data_parallel"
+    for table in tables:
+        offered = table_constraints(tables, cfg, device)[table.name].sharding_types
+        assert "data_parallel" not in offered and "table_wise" in offered
+        # 16 columns make one column shard: column-splitting types would duplicate table_wise.
+        assert not {"column_wise", "table_column_wise", "grid_shard"} & set(offered)
+    # Narrow column shards make column_wise a real choice again.
+    wide = ShardingConfig(tables={"t_*": TableShardingConfig(min_partition=8)})
+    offered = table_constraints(tables, wide, "cpu")[bag_table(BAG_FEATURES[0])].sharding_types
+    assert offered == ["table_wise", "column_wise", "table_column_wise"]
+    # Asking for data_parallel, or for its dense kernel, still gets it.
+    asked = ShardingConfig(tables={"t_*": TableShardingConfig(["data_parallel", "table_wise"])})
+    assert "data_parallel" in table_constraints(tables, asked, "cpu")[bag_table(BAG_FEATURES[0])].sharding_types
+
+
+@pytest.mark.parametrize(
+    "dim, min_partition, shards", [(16, None, 1), (64, None, 1), (256, None, 2), (16, 8, 2), (16, 4, 4), (18, 4, 1)]
+)
+def test_column_shards_follow_torchrec(dim: int, min_partition: Optional[int], shards: int) -> None:
+    from torchrec.distributed.sharding_plan import _get_block_size_for_cw_shard
+
+    assert column_shards(dim, min_partition) == shards
+    if dim % 4 == 0:  # TorchRec warns (and uses one block) otherwise
+        assert dim // _get_block_size_for_cw_shard(dim, min_partition) == shards
 
 
 def test_cuda_cluster_plan_needs_no_gpu() -> None:

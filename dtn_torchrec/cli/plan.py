@@ -18,33 +18,22 @@ override the config as for ``dtn-train``.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import logging
 import sys
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Set
-
-import torch
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from typing import Any, Dict, List, Optional, Sequence
 
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
-from dtn_torchrec.distributed.config import ShardingConfig
-from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer
+from dtn_torchrec.distributed.build import build_meta_train_model
 from dtn_torchrec.distributed.plan_report import (
-    GIB,
-    ClusterSpec,
     PlanDoesNotFit,
     PlanReport,
     build_report,
-    embedding_table_configs,
-    feature_ids_per_row,
     plan_sharding,
-    pooling_constraints,
 )
-from dtn_torchrec.distributed.planning import find_embedding_tables, table_constraints
-from dtn_torchrec.distributed.sharders import embedding_sharders
-from dtn_torchrec.models.builder import build_train_model
+from dtn_torchrec.distributed.planning import plan_to_json
+from dtn_torchrec.distributed.topology import GIB, ClusterSpec
 from dtn_torchrec.models.config import ModelConfig
 from dtn_torchrec.models.stats import aliccp_reference_schema, count_parameters
 from dtn_torchrec.train.config import load_run_config
@@ -81,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--uvm-caching", action="store_true",
         help="allow tables in host memory with an HBM cache (fused_uvm_caching) where the config "
-        "names no kernel",
+        "names no kernel (same as sharding.uvm_caching=true)",
     )
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--show-ranks", type=int, default=64, metavar="N",
@@ -103,19 +92,6 @@ def scale_tables(schema: SchemaSpec, model: ModelConfig, scale: float) -> Schema
             expert.num_buckets = max(1, round(expert.num_buckets * scale))
     fields = [replace(f, num_embeddings=max(1, round(f.num_embeddings * scale))) for f in schema.fields]
     return replace(schema, fields=fields)
-
-
-def configured_pooling(cfg: ShardingConfig, names: Sequence[str]) -> Set[str]:
-    """Tables whose sharding entry (exact name first, else the first matching pattern) sets a
-    pooling factor; those keep it."""
-    kept = set()
-    for name in names:
-        entry = cfg.tables.get(name) or next(
-            (t for pattern, t in cfg.tables.items() if fnmatch.fnmatchcase(name, pattern)), None
-        )
-        if entry is not None and entry.pooling_factor is not None:
-            kept.add(name)
-    return kept
 
 
 def _gib(value: float) -> str:
@@ -224,6 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--batch-size must be positive, got {batch_size}")
         if args.uvm_caching and args.compute_device != "cuda":
             raise ValueError("--uvm-caching needs --compute-device cuda (UVM is a CUDA feature)")
+        if args.uvm_caching:
+            cfg.sharding.uvm_caching = True
         schema = SchemaSpec.load(args.schema) if args.schema else aliccp_reference_schema()
         schema = scale_tables(schema, cfg.model, args.table_scale)
         sharding = cfg.sharding
@@ -239,31 +217,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ddr_bw_gbps=args.ddr_bw,
         )
         topology = cluster.topology()
-        model = build_train_model(cfg.model, schema, device=torch.device("meta"))
-        apply_sparse_optimizer(model, cfg.train.sparse_optimizer)
-        sharders = embedding_sharders()
-        tables = find_embedding_tables(model, sharders)
-        constraints = table_constraints(tables, sharding, args.compute_device)
-        if args.compute_device == "cuda":
-            kernels = [EmbeddingComputeKernel.FUSED.value, EmbeddingComputeKernel.DENSE.value]
-            if args.uvm_caching:
-                kernels.append(EmbeddingComputeKernel.FUSED_UVM_CACHING.value)
-            for constraint in constraints.values():
-                if constraint.compute_kernels is None:
-                    constraint.compute_kernels = list(kernels)
-        features = {name: list(c.feature_names) for name, c in embedding_table_configs(model).items()}
-        pooling_constraints(
-            constraints, features, feature_ids_per_row(schema, model),
-            keep=configured_pooling(sharding, [t.name for t in tables]),
-        )
+        model = build_meta_train_model(cfg.model, schema, cfg.train.sparse_optimizer)
         optimizer = cfg.train.sparse_optimizer.name
-        _, options = plan_sharding(
+        plan, options = plan_sharding(
             model,
-            sharders=sharders,
-            constraints=constraints,
+            sharding,
+            schema,
             topology=topology,
             batch_size=batch_size,
-            storage_reservation=sharding.storage_reservation,
             optimizer=optimizer,
         )
         _, dense_params = count_parameters(model)
@@ -287,7 +248,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{PROG}: {args.config} (model {cfg.model.name}; {source}{scale})")
     print(format_report(report, args.show_ranks))
     if args.json:
-        write_json_atomic(args.json, {"config": args.config, "table_scale": args.table_scale, **report.to_json()})
+        write_json_atomic(
+            args.json,
+            {
+                "config": args.config,
+                "table_scale": args.table_scale,
+                **report.to_json(),
+                # The same layout as dtn-train's <output.dir>/plan.json.
+                "plan": plan_to_json(plan),
+            },
+        )
     print(f"fits: yes, every rank within its {'HBM' if args.compute_device == 'cuda' else 'host memory'}")
     return 0
 

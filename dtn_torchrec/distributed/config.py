@@ -71,7 +71,10 @@ class ShardingConfig:
         ddr_cap_gb: host memory per rank (GiB); None = host RAM / local world size.
         intra_host_bw_gbps: bandwidth between ranks of one host (GB/s); None = TorchRec default.
         inter_host_bw_gbps: bandwidth between hosts (GB/s); None = TorchRec default.
-        storage_reservation: fraction of each rank's memory the planner keeps free.
+        storage_reservation: fraction of each rank's memory the planner keeps free; on CUDA in
+            addition to the dense model and input batches it counts (TorchRec's heuristic).
+        uvm_caching: on CUDA, let tables without configured kernels live in host memory with an
+            HBM cache (``fused_uvm_caching``).
     """
 
     sharding_types: Optional[List[str]] = None
@@ -80,7 +83,8 @@ class ShardingConfig:
     ddr_cap_gb: Optional[float] = None
     intra_host_bw_gbps: Optional[float] = None
     inter_host_bw_gbps: Optional[float] = None
-    storage_reservation: float = 0.05
+    storage_reservation: float = 0.15
+    uvm_caching: bool = False
 
     def validate(self) -> None:
         _check_names(self.sharding_types, SHARDING_TYPES, "sharding.sharding_types")

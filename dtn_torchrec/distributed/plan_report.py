@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import AbstractSet, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch.nn as nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.planner.constants import UVM_CACHING_RATIO
 from torchrec.distributed.planner.stats import EmbeddingStats
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import (
     Enumerator,
-    HardwareConfig,
-    KernelConfig,
     PlanDebugStats,
     PlannerError,
     PlannerErrorType,
@@ -42,21 +39,14 @@ from torchrec.distributed.planner.types import (
     Stats,
     StorageReservation,
     Topology,
-    TopologyFactory,
-    TrainerConfig,
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from dtn_torchrec.data.schema import SchemaSpec
-from dtn_torchrec.models.embedding import SparseArch
-from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY
-
-GIB = 1024**3
-# TorchRec's bandwidth unit is bytes per millisecond with 1 GB = 2**30 bytes (its constants,
-# e.g. INTRA_NODE_BANDWIDTH = 600 * 1024**3 / 1000); GB/s flags use the same convention.
-_GBPS_TO_BYTES_PER_MS = GIB / 1000
+from dtn_torchrec.distributed.build import plan_for
+from dtn_torchrec.distributed.config import ShardingConfig
+from dtn_torchrec.distributed.sharders import embedding_sharders
+from dtn_torchrec.distributed.topology import GIB, ClusterSpec
 
 # Fused optimiser state per weight element, as TorchRec's storage estimator counts it
 # (shard_estimators._get_optimizer_multipler); row-wise Adagrad keeps one value per row.
@@ -83,121 +73,6 @@ def optimizer_state_multiplier(optimizer: str, embedding_dim: int) -> float:
             f"unknown sparse optimizer {optimizer!r}; known: {sorted(_STATE_PER_WEIGHT) + [ROWWISE_ADAGRAD]}"
         )
     return _STATE_PER_WEIGHT[optimizer]
-
-
-# ---------------------------------------------------------------------------------------------
-# topology
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """A described cluster: ranks, memory per rank, bandwidths. None = TorchRec's default.
-
-    Args:
-        world_size: total ranks.
-        local_world_size: ranks per host.
-        compute_device: ``cuda`` (tables in HBM, UVM possible) or ``cpu`` (tables in DDR).
-        hbm_gb: device memory per rank, GiB (default 32).
-        ddr_gb: host memory per rank, GiB (default 128).
-        intra_host_bw_gbps: rank-to-rank bandwidth inside a host, GB/s (default 600).
-        inter_host_bw_gbps: bandwidth between hosts per rank, GB/s (default 12.5).
-        hbm_bw_gbps: device memory bandwidth, GB/s (default 897).
-        ddr_bw_gbps: host memory bandwidth, GB/s (default 51).
-    """
-
-    world_size: int
-    local_world_size: int
-    compute_device: str = "cuda"
-    hbm_gb: Optional[float] = None
-    ddr_gb: Optional[float] = None
-    intra_host_bw_gbps: Optional[float] = None
-    inter_host_bw_gbps: Optional[float] = None
-    hbm_bw_gbps: Optional[float] = None
-    ddr_bw_gbps: Optional[float] = None
-
-    def validate(self) -> None:
-        if self.world_size <= 0 or self.local_world_size <= 0:
-            raise ValueError(
-                f"world size ({self.world_size}) and local world size ({self.local_world_size})"
-                " must be positive"
-            )
-        if self.world_size % self.local_world_size != 0:
-            raise ValueError(
-                f"world size {self.world_size} is not a multiple of the local world size"
-                f" {self.local_world_size} (ranks per host)"
-            )
-        if self.compute_device not in ("cuda", "cpu"):
-            raise ValueError(f"compute device must be cuda or cpu, got {self.compute_device!r}")
-        for name in (
-            "hbm_gb", "ddr_gb", "intra_host_bw_gbps", "inter_host_bw_gbps", "hbm_bw_gbps", "ddr_bw_gbps"
-        ):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-
-    def topology(self) -> Topology:
-        """The planner's ``Topology`` of this cluster (built without any device)."""
-        self.validate()
-
-        def gib(value: Optional[float]) -> Optional[int]:
-            return None if value is None else int(value * GIB)
-
-        def bandwidth(value: Optional[float]) -> Optional[float]:
-            return None if value is None else value * _GBPS_TO_BYTES_PER_MS
-
-        return TopologyFactory.create_topology(
-            trainer_config=TrainerConfig(
-                world_size=self.world_size,
-                local_world_size=self.local_world_size,
-                hbm_cap_bytes=gib(self.hbm_gb),
-                ddr_cap_bytes=gib(self.ddr_gb),
-            ),
-            hardware_config=HardwareConfig(
-                intra_host_bw=bandwidth(self.intra_host_bw_gbps),
-                inter_host_bw=bandwidth(self.inter_host_bw_gbps),
-                hbm_mem_bw=bandwidth(self.hbm_bw_gbps),
-                ddr_mem_bw=bandwidth(self.ddr_bw_gbps),
-            ),
-            kernel_config=KernelConfig(
-                compute_device=self.compute_device, use_hardware_based_bandwidth=True
-            ),
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# the model's tables and their inputs
-# ---------------------------------------------------------------------------------------------
-
-
-def feature_ids_per_row(schema: SchemaSpec, model: nn.Module) -> Dict[str, float]:
-    """Mean ids per row of every KJT feature the model's tables read.
-
-    A field's ``mean_length`` from the schema; where the schema only knows the longest list
-    (the Ali-CCP reference sizes) the midpoint ``(1 + max_length) / 2``. MemoNet's pair feature
-    carries ``pairs x hashes`` ids per row.
-    """
-    result = {
-        f.name: f.mean_length if f.mean_length > 0 else (1 + max(f.max_length, 1)) / 2
-        for f in schema.fields
-    }
-    for sub in model.modules():
-        if isinstance(sub, SparseArch) and sub.pair_hash is not None and sub.pair_hash.fields is not None:
-            n = len(sub.pair_hash.fields)
-            result[MEMONET_PAIRS_KEY] = n * (n - 1) // 2 * sub.pair_hash.num_hash
-    return result
-
-
-def embedding_table_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
-    """Table name -> its config (rows, dim, features, data type), over every EBC / EC of
-    ``model``."""
-    result: Dict[str, BaseEmbeddingConfig] = {}
-    for sub in model.modules():
-        if isinstance(sub, EmbeddingBagCollection):
-            result.update({c.name: c for c in sub.embedding_bag_configs()})
-        elif isinstance(sub, EmbeddingCollection):
-            result.update({c.name: c for c in sub.embedding_configs()})
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,24 +113,23 @@ class _BestPlanCapture(Stats):
 
 def plan_sharding(
     module: nn.Module,
+    cfg: ShardingConfig,
+    schema: Optional[SchemaSpec],
     *,
-    sharders: List[ModuleSharder[nn.Module]],
-    constraints: Dict[str, ParameterConstraints],
     topology: Topology,
     batch_size: int,
-    storage_reservation: float,
     optimizer: str,
 ) -> Tuple[ShardingPlan, List[ShardingOption]]:
-    """Runs ``EmbeddingShardingPlanner.plan`` (no process group) and keeps its estimates.
+    """Plans as training does (``build.plan_for``, in this process) and keeps the planner's
+    estimates.
 
     Args:
         module: the model, tables on ``meta``, sparse optimiser applied (so the planner counts
             its state).
-        sharders: the sharders DMP would use.
-        constraints: per-table ``ParameterConstraints`` (pooling factors set for the estimates).
+        cfg: sharding configuration.
+        schema: the dataset's schema (pooling factors); None = one id per row.
         topology: from :meth:`ClusterSpec.topology`.
         batch_size: per-rank batch size.
-        storage_reservation: fraction of each rank's memory kept free for the dense part.
         optimizer: sparse optimiser name, for the advice when nothing fits.
 
     Returns:
@@ -265,18 +139,18 @@ def plan_sharding(
         PlanDoesNotFit: no plan; the message says how much memory is needed and what to add.
     """
     capture = _BestPlanCapture()
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        batch_size=batch_size,
-        constraints=constraints,
-        storage_reservation=FixedPercentageStorageReservation(percentage=storage_reservation),
-        stats=[EmbeddingStats(), capture],
-    )
     try:
-        plan = planner.plan(module, sharders)
+        plan = plan_for(
+            module,
+            cfg,
+            schema,
+            topology=topology,
+            batch_size=batch_size,
+            stats=[EmbeddingStats(), capture],
+        )
     except PlannerError as e:
         raise PlanDoesNotFit(
-            _advice(e, module, sharders, topology, storage_reservation, optimizer, constraints)
+            _advice(e, module, embedding_sharders(), topology, cfg, optimizer)
         ) from e
     return plan, capture.best_plan
 
@@ -286,11 +160,11 @@ def _advice(
     module: nn.Module,
     sharders: List[ModuleSharder[nn.Module]],
     topology: Topology,
-    storage_reservation: float,
+    cfg: ShardingConfig,
     optimizer: str,
-    constraints: Dict[str, ParameterConstraints],
 ) -> str:
     """One line: what the tables need, what the topology holds, what to add."""
+    storage_reservation = cfg.storage_reservation
     if error.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
         first = str(error).strip().splitlines()[0]
         return f"the planner found no plan under the sharding constraints ({first}); relax sharding.tables"
@@ -308,9 +182,9 @@ def _advice(
         f" add ranks (at least {min_ranks:,} of this size) or {memory} (at least"
         f" {min_per_rank / GIB:,.1f} GiB per rank on {world})"
     )
-    uvm_allowed = any(
-        c.compute_kernels and EmbeddingComputeKernel.FUSED_UVM_CACHING.value in c.compute_kernels
-        for c in constraints.values()
+    uvm_allowed = cfg.uvm_caching or any(
+        t.compute_kernels and EmbeddingComputeKernel.FUSED_UVM_CACHING.value in t.compute_kernels
+        for t in cfg.tables.values()
     )
     if on_gpu and uvm_allowed:
         advice += (
@@ -643,27 +517,3 @@ def build_report(
         comms=estimate_comms(options, topology, batch_size, dense_params),
         dense_params=dense_params,
     )
-
-
-def pooling_constraints(
-    constraints: Mapping[str, ParameterConstraints],
-    table_features: Mapping[str, List[str]],
-    ids_per_row: Mapping[str, float],
-    keep: AbstractSet[str] = frozenset(),
-) -> None:
-    """Sets each table's pooling factors to the data's ids per row of each of its features.
-
-    The planner's I/O buffer, traffic and cost estimates all scale with these factors.
-
-    Args:
-        constraints: per-table constraints, updated in place.
-        table_features: table -> its feature (KJT key) names.
-        ids_per_row: feature -> mean ids per row (features not listed: 1).
-        keep: tables whose configured pooling factor stays.
-    """
-    for table, constraint in constraints.items():
-        if table in keep:
-            continue
-        constraint.pooling_factors = [
-            max(1.0, float(ids_per_row.get(f, 1.0))) for f in table_features[table]
-        ]

@@ -10,6 +10,11 @@ TorchRec's stock sharders decide which sharding types the planner may use on eac
   (``default_sharding_types``), so the planner's choice on CPU is unchanged.
 * ``EmbeddingCollectionSharder`` offers ``data_parallel``, which crashes on CPU (FBGEMM's CPU
   dense TBE ignores ``PoolingMode.NONE`` and returns pooled rows), so we withdraw it on CPU.
+
+A table the configuration does not constrain is never offered ``data_parallel``
+(``default_sharding_types``): the planner's choice for it flips with the world size, and a
+table that moves between data-parallel and sharded changes its optimiser (dense vs fused) and
+so its checkpoint layout. A configuration that names ``data_parallel`` still gets it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
+from dtn_torchrec.distributed.mc_sharding import MchBagsSharder
+
 _CPU = "cpu"
+
+
+def _without_data_parallel(types: List[str]) -> List[str]:
+    return [t for t in types if t != ShardingType.DATA_PARALLEL.value]
 
 
 class EmbeddingBagCollectionCpuRowWiseSharder(EmbeddingBagCollectionSharder):
@@ -35,7 +46,7 @@ class EmbeddingBagCollectionCpuRowWiseSharder(EmbeddingBagCollectionSharder):
 
     def default_sharding_types(self, compute_device_type: str) -> List[str]:
         """Types the planner may pick for a table the configuration does not constrain."""
-        return super().sharding_types(compute_device_type)
+        return _without_data_parallel(super().sharding_types(compute_device_type))
 
 
 class EmbeddingCollectionCpuSafeSharder(EmbeddingCollectionSharder):
@@ -44,14 +55,15 @@ class EmbeddingCollectionCpuSafeSharder(EmbeddingCollectionSharder):
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = super().sharding_types(compute_device_type)
         if compute_device_type == _CPU:
-            types = [t for t in types if t != ShardingType.DATA_PARALLEL.value]
+            types = _without_data_parallel(types)
         return types
 
     def default_sharding_types(self, compute_device_type: str) -> List[str]:
         """Types the planner may pick for a table the configuration does not constrain."""
-        return self.sharding_types(compute_device_type)
+        return _without_data_parallel(self.sharding_types(compute_device_type))
 
 
 def embedding_sharders() -> List[ModuleSharder[nn.Module]]:
     """The sharders to give both the planner and ``DistributedModelParallel``."""
-    return [EmbeddingBagCollectionCpuRowWiseSharder(), EmbeddingCollectionCpuSafeSharder()]
+    ebc_sharder = EmbeddingBagCollectionCpuRowWiseSharder()
+    return [ebc_sharder, EmbeddingCollectionCpuSafeSharder(), MchBagsSharder(ebc_sharder)]

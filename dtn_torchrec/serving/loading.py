@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -38,9 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.checkpoint import META_FILE, CheckpointManager
 from dtn_torchrec.distributed.checkpoint_files import METADATA_FILE, read_metadata_file
-from dtn_torchrec.distributed.parallel import shard_model
-from dtn_torchrec.distributed.planning import plan_model
-from dtn_torchrec.distributed.topology import topology_from_env
+from dtn_torchrec.distributed.build import build_sharded_model
 from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.model import MultiTaskModel
 from dtn_torchrec.train.config import RunConfig
@@ -326,14 +323,9 @@ def load_sharded_model(
     """
     model = InferenceModel(build_model(cfg.model, schema, device=torch.device("meta")))
     check_state_matches(model, saved_model_shapes(ref), ref, data_dir)
-    plan = plan_model(
-        model,
-        cfg.sharding,
-        topology=topology_from_env(device.type, cfg.sharding),
-        batch_size=batch_size,
-        pg=dist.group.WORLD,
+    dmp, _ = build_sharded_model(
+        model, cfg.sharding, schema, device=device, batch_size=batch_size
     )
-    dmp = shard_model(model, device=device, plan=plan)
     restore(dmp, ref)
     return dmp.eval()
 

@@ -15,17 +15,14 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
 from dtn_torchrec.distributed.launch import DistributedContext
-from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
-from dtn_torchrec.distributed.parallel import shard_model
-from dtn_torchrec.distributed.planning import format_plan, plan_model, plan_to_json
-from dtn_torchrec.distributed.topology import topology_from_env
-from dtn_torchrec.models.builder import build_train_model
+from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
+from dtn_torchrec.distributed.optimizers import build_dense_optimizer
+from dtn_torchrec.distributed.planning import format_plan, plan_to_json
 from dtn_torchrec.train.config import RunConfig, run_config_to_dict
 from dtn_torchrec.train.run_dir import (
     CHECKPOINT_DIR,
@@ -100,20 +97,13 @@ def run_training(
     # Same seed on every rank for building the model (DDP broadcasts rank 0's dense weights
     # anyway); a per-rank seed afterwards so dropout masks differ between ranks.
     seed_everything(cfg.seed)
-    train_model = build_train_model(cfg.model, schema, device=torch.device("meta"))
-    apply_sparse_optimizer(train_model, cfg.train.sparse_optimizer)
-    topology = topology_from_env(ctx.device.type, cfg.sharding)
-    plan = plan_model(
-        train_model,
-        cfg.sharding,
-        topology=topology,
-        batch_size=cfg.data.batch_size,
-        pg=dist.group.WORLD,
+    train_model = build_meta_train_model(cfg.model, schema, cfg.train.sparse_optimizer)
+    model, plan = build_sharded_model(
+        train_model, cfg.sharding, schema, device=ctx.device, batch_size=cfg.data.batch_size
     )
     if is_rank0:
         print(format_plan(plan), file=sys.stderr, flush=True)
         write_json_atomic(out_dir / PLAN_FILE, plan_to_json(plan))
-    model = shard_model(train_model, device=ctx.device, plan=plan)
     optimizers = build_dense_optimizer(model, cfg.train.dense_optimizer)
     seed_everything(cfg.seed + ctx.rank)
 
