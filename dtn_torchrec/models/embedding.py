@@ -8,9 +8,9 @@ materialised unsharded, as in TorchRec's DLRM).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.models.managed_collision import (
+    FieldTableConfig,
+    build_mch_bags,
+    resolve_field_tables,
+)
 from dtn_torchrec.models.pair_hash import PairHashConfig, PairHasher
 from dtn_torchrec.models.types import ExpertInputs
 
@@ -85,6 +90,9 @@ class EmbeddingConfig:
         init_std (float): table rows are drawn from ``N(0, init_std^2)``. Default: 0.0625.
         input_norm (str): ``"affine"``: the reference's inference-mode BatchNorm, a learnable
             per-dim ``x * gamma / sqrt(1 + 1e-3) + beta`` over ``F*D``; ``"none"``: identity.
+        tables (Dict[str, FieldTableConfig]): per-field table options keyed by field name or
+            glob pattern, e.g. ``{"*": {collision: mch, size: 100000, eviction: lru}}``
+            (managed-collision tables, see ``managed_collision.py``). Default: none.
     """
 
     embedding_dim: int = 64
@@ -92,6 +100,7 @@ class EmbeddingConfig:
     use_weights: bool = False
     init_std: float = 0.0625
     input_norm: str = "affine"
+    tables: Dict[str, FieldTableConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
@@ -157,32 +166,58 @@ class SparseArch(nn.Module):
         super().__init__()
         if not schema.fields:
             raise ValueError("SparseArch: schema has no fields")
-        if schema.id_mapping == "raw":
-            # Raw 64-bit ids index no plain table: they need tables that remap ids themselves.
-            raise ValueError(
-                "the dataset keeps raw ids (dtn-prepare --id-mapping raw), which a plain embedding"
-                " table cannot look up; prepare it with --id-mapping vocab or hash"
-            )
         self.config = config
         self.feature_names: List[str] = schema.field_names
+        field_tables = resolve_field_tables(config.tables, self.feature_names)
+        mch_fields = [name for name in self.feature_names if field_tables[name].collision == "mch"]
+        if schema.id_mapping == "raw" and len(mch_fields) < len(self.feature_names):
+            # Raw 64-bit ids index no plain table: they need tables that remap ids themselves.
+            plain = [name for name in self.feature_names if name not in mch_fields]
+            raise ValueError(
+                "the dataset keeps raw ids (dtn-prepare --id-mapping raw), which a plain embedding"
+                f" table cannot look up (fields {plain}); give them managed-collision tables"
+                " (model.embedding.tables.<field>.collision: mch) or prepare the data with"
+                " --id-mapping vocab or hash"
+            )
         tables = [
             EmbeddingBagConfig(
                 name=table_name(f.name),
                 embedding_dim=config.embedding_dim,
-                num_embeddings=f.num_embeddings,
+                num_embeddings=(
+                    field_tables[f.name].size if f.name in mch_fields else f.num_embeddings
+                ),
                 feature_names=[f.name],
                 # Mean is the sum divided by the list length in forward: torch's unsharded
                 # EmbeddingBag rejects per-id weights with mode="mean", and one code path keeps
                 # sharded and unsharded results identical.
                 pooling=PoolingType.SUM,
                 # Applied by EBC.reset_parameters and by the sharded EBC after DMP allocates
-                # the shards, so meta construction still gets the reference init.
-                init_fn=partial(init_field_table, std=config.init_std),
+                # the shards, so meta construction still gets the reference init. An mch table
+                # has no missing-id row (its rows change owners), and re-initialises evicted
+                # rows with the same function.
+                init_fn=(
+                    partial(nn.init.normal_, mean=0.0, std=config.init_std)
+                    if f.name in mch_fields
+                    else partial(init_field_table, std=config.init_std)
+                ),
             )
             for f in schema.fields
         ]
-        self.embedding_bag_collection = EmbeddingBagCollection(
-            tables=tables, is_weighted=config.use_weights, device=device
+        plain_tables = [t for t in tables if t.feature_names[0] not in mch_fields]
+        mch_tables = [t for t in tables if t.feature_names[0] in mch_fields]
+        self.embedding_bag_collection: Optional[EmbeddingBagCollection] = (
+            EmbeddingBagCollection(
+                tables=plain_tables, is_weighted=config.use_weights, device=device
+            )
+            if plain_tables
+            else None
+        )
+        self.mch_bags: Optional[nn.Module] = (
+            build_mch_bags(
+                mch_tables, field_tables, is_weighted=config.use_weights, device=device
+            )
+            if mch_tables
+            else None
         )
         flat_dim = len(self.feature_names) * config.embedding_dim
         self.input_norm: nn.Module = (
@@ -218,7 +253,12 @@ class SparseArch(nn.Module):
             raise ValueError(
                 "SparseArch: embedding.use_weights is set but the batch carries no per-id weights"
             )
-        pooled = self.embedding_bag_collection(features).to_dict()
+        pooled: Dict[str, torch.Tensor] = {}
+        if self.embedding_bag_collection is not None:
+            pooled.update(self.embedding_bag_collection(features).to_dict())
+        if self.mch_bags is not None:
+            mch_pooled, _ = self.mch_bags(features)
+            pooled.update(mch_pooled.to_dict())
         # By name, never by position: a sharded EBC orders its output keys by plan.
         fields = torch.stack([pooled[name] for name in self.feature_names], dim=1)
         if self.config.pooling == "mean":
