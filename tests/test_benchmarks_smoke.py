@@ -283,3 +283,39 @@ def test_cli_quality_smoke_reports_the_runs_summary_against_the_oracle(tmp_path:
             assert run["gap_to_oracle"][task] == pytest.approx(truth[task] - summary["test"][task]["auc"])
         assert run["within_max_gap"] is all(g <= 0.5 for g in run["gap_to_oracle"].values())
         assert run["test_auc_history"][-1]["step"] == summary["steps"]
+
+
+def test_planted_dataset_labels_follow_the_oracle(tmp_path: Path) -> None:
+    from benchmarks.synthetic import write_planted_dataset
+
+    fields = log_spaced_fields(5, 10, 300, scale=1)
+    schema = write_planted_dataset(tmp_path, fields, {"train": 4000, "test": 2000}, seed=2)
+    assert sorted(schema.splits) == ["test", "train"] and schema.splits["test"].rows == 2000
+    truth = json.loads((tmp_path / "truth.json").read_text())["oracle_auc"]
+    for split in ("train", "test"):
+        table = pq.read_table(tmp_path / split / "part-00000.parquet")
+        click, conversion = (table.column(c).to_numpy() for c in ("click", "conversion"))
+        assert not np.any(conversion > click)  # conversions only on clicked rows
+        assert 0.6 < truth[split]["click"] < 1.0 and 0.6 < truth[split]["conversion"] < 1.0
+    batch = next(iter(ParquetBatchReader(str(tmp_path), "test", 64, prefetch_batches=0)))
+    assert batch.sparse_features.keys() == [f.name for f in fields]
+
+
+@pytest.mark.slow
+def test_mmoe_libraries_smoke_runs_dtn_train(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mmoe_libraries", "--smoke", "--data", str(tmp_path / "data"),
+         "--runs", str(tmp_path / "runs"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    (run,) = list((tmp_path / "runs").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    ours = result["ours"]
+    assert ours["test_auc"] == {t: summary["test"][t]["auc"] for t in ("click", "conversion")}
+    assert ours["samples_per_s"] == statistics.median(ours["windows"])
+    assert summary["config"]["model"]["mmoe"]["num_experts"] == 4
+    assert result["contended"] == (result["other_cpu_cores_during_run"] > CONTENDED_CORES
+                                   or any(p["contended"] for p in result["roofline"]["gemm_windows"].values()))
