@@ -21,7 +21,12 @@ from dtn_torchrec.cli.common import (
     add_overrides_argument,
     fail,
 )
-from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
+from dtn_torchrec.distributed.launch import (
+    LaunchError,
+    allow_tf32,
+    init_distributed,
+    shutdown_and_exit,
+)
 from dtn_torchrec.train.config import ConfigError, load_run_config
 from dtn_torchrec.train.session import restarted_by_launcher, run_training
 
@@ -43,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train.resume=true)",
     )
     add_allow_config_change_argument(parser)
+    parser.add_argument(
+        "--require-cuda",
+        action="store_true",
+        help="refuse to start without a CUDA device for every rank instead of falling back to "
+        "gloo on CPU (DTN_DEVICE=cpu|cuda|auto picks the device; default auto)",
+    )
     add_overrides_argument(parser, "train.max_steps=100 model.tower.hidden_dims=[64,32]")
     return parser
 
@@ -56,7 +67,11 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
     except ConfigError as e:
         fail(PROG, 2, str(e))
     resume = args.resume or cfg.train.resume or restarted_by_launcher()
-    ctx = init_distributed()
+    try:
+        ctx = init_distributed(require_cuda=args.require_cuda)
+    except LaunchError as e:
+        fail(PROG, 1, str(e))
+    allow_tf32(ctx.device, cfg.train.precision)
     try:
         run_training(
             cfg, ctx, resume=resume, allow_config_change=args.allow_config_change
