@@ -9,6 +9,11 @@
 On a cluster the same component runs with ``-s slurm`` / ``-s kubernetes`` and ``-j NODESxPROCS``.
 ``local_cwd`` starts the ``torchrun`` that is first on ``PATH``, so put the project's
 ``.venv/bin`` there.
+
+Resources are per node (replica). Left unset, they follow the ranks on it: with ``--gpu G``
+(one rank per GPU, so ``G`` must be at least PROCS) ``8 x G`` CPUs and ``64 GiB x G`` of memory,
+and the workers refuse to start without CUDA (``DTN_DEVICE=cuda``); without GPUs 2 CPUs and
+4 GiB per rank. Give ``--cpu`` / ``--memMB`` (or ``-h``, a named resource) when nodes differ.
 """
 
 # No `from __future__ import annotations`: TorchX reads the parameter types at run time.
@@ -18,6 +23,38 @@ import torchx.specs as specs
 from torchx.components.dist import ddp
 
 TRAIN_MODULE = "dtn_torchrec.cli.train"
+CPUS_PER_GPU = 8
+MEM_MB_PER_GPU = 64 * 1024
+CPUS_PER_CPU_RANK = 2
+MEM_MB_PER_CPU_RANK = 4 * 1024
+
+
+def _ranks_per_node(j: str) -> int:
+    """PROCS of ``-j [MIN:]NODESxPROCS`` (TorchX's own format)."""
+    nodes_and_procs = j.split("x")
+    if len(nodes_and_procs) != 2 or not nodes_and_procs[1].isdigit():
+        raise ValueError(f"-j {j!r}: expected NODESxPROCS, e.g. 2x8")
+    return int(nodes_and_procs[1])
+
+
+def node_resources(j: str, gpu: int, cpu: Optional[int], memMB: Optional[int]) -> Dict[str, int]:
+    """CPUs and memory (MB) of one node: the given values, else sized from its ranks / GPUs."""
+    procs = _ranks_per_node(j)
+    if gpu < 0:
+        raise ValueError(f"--gpu must be >= 0, got {gpu}")
+    if 0 < gpu < procs:
+        raise ValueError(
+            f"-j {j} starts {procs} ranks per node but --gpu {gpu} gives them {gpu} GPU(s):"
+            " every rank needs its own GPU (use --gpu >= PROCS, or fewer PROCS)"
+        )
+    if gpu > 0:
+        sized_cpu, sized_mem = CPUS_PER_GPU * gpu, MEM_MB_PER_GPU * gpu
+    else:
+        sized_cpu, sized_mem = CPUS_PER_CPU_RANK * procs, MEM_MB_PER_CPU_RANK * procs
+    return {
+        "cpu": cpu if cpu is not None else sized_cpu,
+        "memMB": memMB if memMB is not None else sized_mem,
+    }
 
 
 def train(
@@ -26,9 +63,9 @@ def train(
     max_restarts: int = 0,
     name: str = "dtn_train",
     image: str = ".",
-    cpu: int = 2,
+    cpu: Optional[int] = None,
     gpu: int = 0,
-    memMB: int = 4096,
+    memMB: Optional[int] = None,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
@@ -45,9 +82,9 @@ def train(
             restarted workers resume from the latest checkpoint in output.dir
         name: job name
         image: image (a directory for local_cwd, a container image on a cluster)
-        cpu: cpus per replica (node)
-        gpu: gpus per replica (node)
-        memMB: memory per replica (node), in MB
+        cpu: cpus per replica (node); default 8 per GPU, or 2 per rank without GPUs
+        gpu: gpus per replica (node), at least one per rank; the workers then require CUDA
+        memMB: memory per replica (node), in MB; default 64 GiB per GPU, or 4 GiB per rank
         h: a registered named resource (takes precedence over cpu, gpu, memMB)
         env: extra environment variables, e.g. OMP_NUM_THREADS=4 (default OMP_NUM_THREADS=1)
         max_retries: scheduler-level retries of a failed replica (schedulers that support it)
@@ -57,8 +94,12 @@ def train(
     """
     if max_restarts < 0:
         raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+    resources = node_resources(j, gpu, cpu, memMB)
     env = dict(env or {})
     env.setdefault("OMP_NUM_THREADS", "1")
+    if gpu > 0:
+        # A node without a usable GPU fails at start-up instead of training on CPU.
+        env.setdefault("DTN_DEVICE", "cuda")
     if max_restarts:
         # torchrun's c10d rendezvous shares one TCPStore across restart rounds, and the
         # workers' process-group keys (gloo/nccl peer addresses) are not prefixed per round: a
@@ -70,9 +111,9 @@ def train(
         m=TRAIN_MODULE,
         name=name,
         image=image,
-        cpu=cpu,
+        cpu=resources["cpu"],
         gpu=gpu,
-        memMB=memMB,
+        memMB=resources["memMB"],
         h=h,
         j=j,
         env=env,

@@ -59,3 +59,29 @@ def test_demo_report_puts_model_auc_next_to_oracle() -> None:
     assert lines[2].split() == ["conversion", "0.7000", "0.8500"]
     assert lines[3].split() == ["conversion", "|", "click", "0.5500", "0.7900"]
     assert lines[4] == "throughput: 1,234 samples/s over 2 ranks (58 steps)"
+
+
+def test_gpu_nodes_are_sized_from_their_gpus() -> None:
+    components = _components()
+    app = components.train("--config", "c.yaml", j="8x8", gpu=8)
+    (role,) = app.roles
+    assert role.num_replicas == 8
+    assert role.resource.gpu == 8
+    assert role.resource.cpu == 8 * components.CPUS_PER_GPU == 64
+    assert role.resource.memMB == 8 * components.MEM_MB_PER_GPU == 8 * 64 * 1024
+    assert "--nnodes 8 --nproc_per_node 8" in role.args[1]
+    assert role.env["DTN_DEVICE"] == "cuda"
+
+
+def test_given_resources_win_and_cpu_jobs_are_sized_per_rank() -> None:
+    components = _components()
+    (role,) = components.train(j="8x8", gpu=8, cpu=96, memMB=1_000_000).roles
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (96, 8, 1_000_000)
+    (role,) = components.train(j="2x4").roles
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (8, 0, 4 * 4096)
+    assert "DTN_DEVICE" not in role.env
+
+
+def test_fewer_gpus_than_ranks_are_refused() -> None:
+    with pytest.raises(ValueError, match="starts 8 ranks per node but --gpu 1"):
+        _components().train(j="2x8", gpu=1)
