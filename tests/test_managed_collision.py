@@ -148,3 +148,119 @@ def test_lfu_evicts_the_least_frequently_used_id() -> None:
     arch(_kjt([4, 4], [1, 1]))  # 4 (count 2) beats 2 (count 1) only
     after = _rows(arch, "u", [1, 2, 3, 4])
     assert after == [before[1], 3, before[3], before[2]]
+
+
+# --- DMP row-wise (CPU + gloo) ---------------------------------------------------------------
+
+GLOBAL_BATCH = 8
+
+
+def _raw_model_section(size: int, interval: int) -> Dict[str, Any]:
+    table = {"collision": "mch", "size": size, "eviction": "lru", "eviction_interval": interval}
+    return {
+        "name": "mmoe",
+        "embedding": {"embedding_dim": 4, "tables": {"*": table}},
+        "tower": {"hidden_dims": [4]},
+    }
+
+
+def _sharded_raw_model(size: int, interval: int, sparse: str = "rowwise_adagrad") -> Any:
+    """The raw-id MMoE on meta -> fused optimiser -> plan -> DMP on the default group's ranks."""
+    from dtn_torchrec.distributed.config import ShardingConfig, SparseOptimizerConfig
+    from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer
+    from dtn_torchrec.distributed.parallel import shard_model
+    from dtn_torchrec.distributed.planning import plan_model
+    from dtn_torchrec.distributed.topology import topology_from_env
+
+    torch.manual_seed(0)
+    cfg = model_config_from_dict(_raw_model_section(size, interval))
+    module = build_train_model(cfg, RAW_SCHEMA, device=torch.device("meta"))
+    apply_sparse_optimizer(module, SparseOptimizerConfig(name=sparse, lr=0.1))
+    sharding = ShardingConfig()
+    plan = plan_model(
+        module,
+        sharding,
+        topology=topology_from_env("cpu", sharding),
+        batch_size=GLOBAL_BATCH // dist.get_world_size(),
+        pg=dist.group.WORLD,
+    )
+    return shard_model(module, device=CPU, plan=plan)
+
+
+def _batch(u: List[int], i: List[int]) -> Batch:
+    labels = torch.tensor([[float(k % 2), float(k % 3 == 0)] for k in range(len(u))])
+    return Batch(_kjt(u, i), labels, torch.arange(len(u)))
+
+
+def _rank_batch(seed: int) -> Batch:
+    """This rank's part of global batch ``seed``: ids from a pool of 6 raw ids per field."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([3, 17, BIG + 5, 2**63 - 2, 123456789012, 42])
+    u = pool[torch.randint(0, 6, (GLOBAL_BATCH,), generator=g)].tolist()
+    i = pool[torch.randint(0, 6, (GLOBAL_BATCH,), generator=g)].tolist()
+    if dist.get_world_size() == 2:
+        half = GLOBAL_BATCH // 2
+        lo = dist.get_rank() * half
+        u, i = u[lo : lo + half], i[lo : lo + half]
+    return _batch(u, i)
+
+
+def _table_state(dmp: Any, table: str) -> Any:
+    """This rank's rows ``[R, D]`` and row-wise Adagrad state ``[R]`` (views into the TBE)."""
+    mch = dmp.module.model.sparse_arch.mch_bags
+    tbe, index = mch._table_to_tbe_and_index[table]
+    position = int(index.item())
+    return tbe.split_embedding_weights()[position], tbe.split_optimizer_states()[position][0]
+
+
+def _step(dmp: Any, batch: Batch) -> None:
+    loss, _ = dmp(batch)
+    loss.backward()  # the fused sparse optimiser updates the rows here
+
+
+@pytest.fixture
+def one_rank() -> Any:
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eviction_reinitialises_rows_and_resets_optimizer_state(one_rank: None) -> None:
+    dmp = _sharded_raw_model(size=4, interval=2)  # 3 own rows + shared row 3
+    arch = dmp.module.model.sparse_arch
+    _step(dmp, _batch([1, 2, 3], [1, 2, 3]))
+    _step(dmp, _batch([1, 2, 3], [1, 2, 3]))  # eviction 1: ids 1, 2, 3 get rows and train
+    weight, state = _table_state(dmp, "t_u")
+    mch = arch.mch_bags._managed_collision_collection._managed_collision_modules["t_u"]
+    mch.eval()
+    row_of = dict(zip([1, 2, 3], mch({"t_u": JaggedTensor(
+        values=torch.tensor([1, 2, 3]), lengths=torch.ones(3, dtype=torch.int32)
+    )})["t_u"].values().tolist()))
+    mch.train()
+    trained = weight.clone()
+    assert bool((state[list(row_of.values())] > 0).all())
+    _step(dmp, _batch([9, 2, 3], [1, 2, 3]))  # 9 seen (shared row until admitted)
+    before = weight.clone()
+    _step(dmp, _batch([2, 3, 2], [1, 2, 3]))  # eviction 2 (LRU): 9 takes 1's row
+    evicted = row_of[1]
+    # 9 is not in the evicting batch, so its row holds exactly the re-initialised values.
+    assert not torch.equal(weight[evicted], before[evicted])
+    assert not torch.equal(weight[evicted], trained[evicted])
+    assert float(weight[evicted].abs().max()) < 0.0625 * 6  # drawn from N(0, init_std^2)
+    assert float(state[evicted]) == 0.0
+    # Rows of ids still held and not in the batch are untouched; used ones keep training.
+    assert float(state[row_of[2]]) > 0 and float(state[row_of[3]]) > 0
+    rows = dict(zip([1, 2, 3, 9], [r for r in _mapped(mch, [1, 2, 3, 9])]))
+    assert rows[9] == evicted and rows[1] == 3
+
+
+def _mapped(mch: Any, ids: List[int]) -> List[int]:
+    mch.eval()
+    jt = JaggedTensor(values=torch.tensor(ids), lengths=torch.ones(len(ids), dtype=torch.int32))
+    out = mch({"t": jt})["t"].values().tolist()
+    mch.train()
+    return out

@@ -32,6 +32,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
 from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
@@ -95,6 +96,8 @@ _CPU_FUSED_OPTIMIZERS = (
 
 
 def _table_weight(module: nn.Module, table: str) -> nn.Parameter:
+    if isinstance(module, ManagedCollisionEmbeddingBagCollection):
+        module = module._embedding_module
     if isinstance(module, EmbeddingBagCollection):
         return module.embedding_bags[table].weight
     if isinstance(module, EmbeddingCollection):
