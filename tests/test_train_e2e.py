@@ -196,7 +196,9 @@ def test_resume_mid_epoch_is_exact(tiny_config: Path, uninterrupted: Path, tmp_p
 
 
 @pytest.mark.slow
-def test_plain_loop_matches_pipeline(tiny_config: Path, uninterrupted: Path, tmp_path: Path) -> None:
+def test_plain_loop_matches_pipeline(
+    tiny_config: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
     # TrainPipelineSparseDist only reorders when the input all-to-all runs, not what is computed
     out = tmp_path / "plain"
     _torchrun(2, ["--config", str(tiny_config), f"output.dir={out}", "train.pipeline=plain",
@@ -211,17 +213,20 @@ def test_checkpoint_reshards_between_two_ranks_and_one(tiny_config: Path, tmp_pa
     _torchrun(2, ["--config", str(tiny_config), f"output.dir={two}", "train.max_steps=5"])
     on_two = _summary(two)
     # one rank loads the two-rank checkpoint: nothing left to train, the evaluation matches
-    _torchrun(1, ["--config", str(tiny_config), f"output.dir={two}", "train.max_steps=5", "--resume"])
+    _torchrun(1, ["--config", str(tiny_config), f"output.dir={two}", "train.max_steps=5",
+                  "--resume"])
     assert _summary(two)["world_size"] == 1 and _summary(two)["resumed_from_step"] == 5
     _assert_same_metrics(on_two, _summary(two))
 
     one = tmp_path / "one"
     _torchrun(1, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=4"])
     on_one = _summary(one)
-    _torchrun(2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=4", "--resume"])
+    _torchrun(2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=4",
+                  "--resume"])
     _assert_same_metrics(on_one, _summary(one))
     # and training continues on the new layout
-    _torchrun(2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=6", "--resume"])
+    _torchrun(2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=6",
+                  "--resume"])
     assert _summary(one)["steps"] == 6 and _summary(one)["world_size"] == 2
 
 

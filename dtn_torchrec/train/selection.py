@@ -81,7 +81,9 @@ def select(history: Sequence[Mapping[str, Any]], split: str, cfg: SelectConfig) 
     if best is None:
         last = evaluations[-1]
         return Selection(step=int(last["step"]), epoch=int(last["epoch"]), score=None, stale=0)
-    return Selection(step=int(best["step"]), epoch=int(best["epoch"]), score=best_score, stale=stale)
+    return Selection(
+        step=int(best["step"]), epoch=int(best["epoch"]), score=best_score, stale=stale
+    )
 
 
 def last_evaluation(history: Sequence[Mapping[str, Any]]) -> Selection:
