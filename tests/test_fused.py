@@ -140,7 +140,7 @@ def test_dtn_fused_gdcn_and_mlp_modules_match_the_loop(variant: str) -> None:
         dim=4,
     )
     fused = [f is not None for f in dense._fused_positions]
-    assert fused == [True, True, False, False, True, True]  # GDCN x2, MaskNet x2 (loop), MLP x2
+    assert fused == [True] * 6  # GDCN x2, MaskNet x2, MLP x2
 
 
 def test_stacked_and_shared_linear_are_per_layer_linears() -> None:

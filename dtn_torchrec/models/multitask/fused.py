@@ -8,7 +8,8 @@ small next to the ``B``-row activations), so every parameter keeps its name, its
 and its checkpoint key: fusing changes the schedule of the arithmetic, never the model.
 
 Fused here: :class:`MLPExpert` (MMoE / PLE experts), :class:`GDCNExpert` with the ``projection``
-structure (DTN's GDCN modules), :class:`Tower` (per-task towers), :class:`InputGate`.
+structure and parallel :class:`MaskNetExpert` (DTN's modules of one method across groups),
+:class:`Tower` (per-task towers), :class:`InputGate`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from dtn_torchrec.models.experts.gdcn import GDCNExpert, GatedCrossLayer
+from dtn_torchrec.models.experts.masknet import MaskNetExpert
 from dtn_torchrec.models.experts.mlp import MLPExpert
 
 
@@ -120,6 +122,35 @@ def _gdcn_forward(experts: Sequence[nn.Module], flat: torch.Tensor) -> torch.Ten
     return stacked_linear(c, [e.projection for e in experts])
 
 
+def _masknet_forward(experts: Sequence[nn.Module], flat: torch.Tensor) -> torch.Tensor:
+    """Parallel MaskNet: the ``E x K`` mask blocks of all experts (they all read ``flat``) as
+    one GEMM / ``baddbmm`` per layer, then every expert's MLP."""
+    blocks = [b for e in experts for b in e.blocks]  # expert-major: [e0b0, e0b1, e1b0, ...]
+    hidden = torch.relu(shared_input_linear(flat, [b.mask.aggregate for b in blocks]))
+    mask = stacked_linear(hidden, [b.mask.project for b in blocks])  # [EK, B, N]
+    h = stacked_linear(flat * mask, [b.hidden for b in blocks])  # [EK, B, block]
+    norm = blocks[0].norm
+    weight = torch.stack([b.norm.weight for b in blocks]).unsqueeze(1)  # [EK, 1, block]
+    bias = torch.stack([b.norm.bias for b in blocks]).unsqueeze(1)
+    h = torch.relu(nn.functional.layer_norm(h, norm.normalized_shape, eps=norm.eps) * weight + bias)
+    num_experts, num_blocks = len(experts), len(experts[0].blocks)
+    h = h.view(num_experts, num_blocks, -1, h.shape[-1]).permute(0, 2, 1, 3).flatten(2)  # [E, B, K*block]
+    return fused_sequential(h, [e.mlp.layers for e in experts], shared=False)
+
+
+def _masknet_fusable(experts: Sequence[nn.Module]) -> bool:
+    if not all(type(e) is MaskNetExpert and e.mode == "parallel" and e.emb_norm is None for e in experts):
+        return False
+    per_block = [[b.mask.aggregate, b.mask.project, b.hidden] for e in experts for b in e.blocks]
+    return (
+        len({len(e.blocks) for e in experts}) == 1
+        and _same_shapes(per_block)
+        and len({b.norm.eps for e in experts for b in e.blocks}) == 1
+        and all(b.norm.elementwise_affine and b.norm.bias is not None for e in experts for b in e.blocks)
+        and can_fuse_sequentials([e.mlp.layers for e in experts])
+    )
+
+
 def _mlp_fusable(experts: Sequence[nn.Module]) -> bool:
     return all(type(e) is MLPExpert for e in experts) and can_fuse_sequentials(
         [e.mlp.layers for e in experts]
@@ -148,6 +179,8 @@ def fused_experts_forward(experts: Sequence[nn.Module]) -> Optional[ExpertsForwa
         return _mlp_forward
     if _gdcn_fusable(experts):
         return _gdcn_forward
+    if _masknet_fusable(experts):
+        return _masknet_forward
     return None
 
 
