@@ -44,9 +44,11 @@ from torchrec.distributed.types import (
     ShardingType,
 )
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 
 from dtn_torchrec.distributed.config import ShardingConfig, TableShardingConfig
 from dtn_torchrec.distributed.sharders import embedding_sharders
+from dtn_torchrec.models.managed_collision import set_mch_buckets
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,15 @@ def find_embedding_tables(
     by_type = {sharder.module_type: sharder for sharder in sharders}
     tables: List[EmbeddingTableInfo] = []
     seen: Dict[str, str] = {}
+    sharded_paths: List[str] = []
     for path, sub in module.named_modules():
         sharder = by_type.get(type(sub))
-        if sharder is None:
-            continue
-        if isinstance(sub, EmbeddingBagCollection):
+        if sharder is None or any(path.startswith(f"{p}.") for p in sharded_paths):
+            continue  # the EBC inside an MC-EBC is sharded with it
+        sharded_paths.append(path)
+        if isinstance(sub, ManagedCollisionEmbeddingBagCollection):
+            configs = sub._embedding_module.embedding_bag_configs()
+        elif isinstance(sub, EmbeddingBagCollection):
             configs = sub.embedding_bag_configs()
         elif isinstance(sub, EmbeddingCollection):
             configs = sub.embedding_configs()
@@ -337,6 +343,7 @@ def plan_model(
         PlannerError: no plan fits (``pg`` None; with a group every rank fails in the broadcast).
     """
     sharders = sharders if sharders is not None else embedding_sharders()
+    set_mch_buckets(module, topology.world_size)
     tables = find_embedding_tables(module, sharders)
     compute_device = topology.compute_device
     planner = EmbeddingShardingPlanner(

@@ -26,6 +26,8 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
+from dtn_torchrec.distributed.mc_sharding import MchBagsSharder
+
 _CPU = "cpu"
 
 
@@ -63,4 +65,5 @@ class EmbeddingCollectionCpuSafeSharder(EmbeddingCollectionSharder):
 
 def embedding_sharders() -> List[ModuleSharder[nn.Module]]:
     """The sharders to give both the planner and ``DistributedModelParallel``."""
-    return [EmbeddingBagCollectionCpuRowWiseSharder(), EmbeddingCollectionCpuSafeSharder()]
+    ebc_sharder = EmbeddingBagCollectionCpuRowWiseSharder()
+    return [ebc_sharder, EmbeddingCollectionCpuSafeSharder(), MchBagsSharder(ebc_sharder)]
