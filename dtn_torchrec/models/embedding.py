@@ -205,6 +205,7 @@ class SparseArch(nn.Module):
         ]
         plain_tables = [t for t in tables if t.feature_names[0] not in mch_fields]
         mch_tables = [t for t in tables if t.feature_names[0] in mch_fields]
+        self._mch_fields: List[str] = mch_fields
         self.embedding_bag_collection: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(
                 tables=plain_tables, is_weighted=config.use_weights, device=device
@@ -253,14 +254,22 @@ class SparseArch(nn.Module):
             raise ValueError(
                 "SparseArch: embedding.use_weights is set but the batch carries no per-id weights"
             )
-        pooled: Dict[str, torch.Tensor] = {}
-        if self.embedding_bag_collection is not None:
-            pooled.update(self.embedding_bag_collection(features).to_dict())
-        if self.mch_bags is not None:
-            mch_pooled, _ = self.mch_bags(features)
-            pooled.update(mch_pooled.to_dict())
-        # By name, never by position: a sharded EBC orders its output keys by plan.
-        fields = torch.stack([pooled[name] for name in self.feature_names], dim=1)
+        # Field -> its module's output dict, looked up by name, never by position (a sharded EBC
+        # orders its output keys by plan). Only indexed, never iterated: the train pipeline
+        # fx-traces this forward, where the dicts are proxies.
+        plain_pooled = (
+            self.embedding_bag_collection(features).to_dict()
+            if self.embedding_bag_collection is not None
+            else None
+        )
+        mch_pooled = self.mch_bags(features)[0].to_dict() if self.mch_bags is not None else None
+        fields = torch.stack(
+            [
+                (mch_pooled if name in self._mch_fields else plain_pooled)[name]
+                for name in self.feature_names
+            ],
+            dim=1,
+        )
         if self.config.pooling == "mean":
             lengths = list_lengths(features, self.feature_names).clamp(min=1)
             fields = fields / lengths.unsqueeze(-1).to(fields.dtype)
