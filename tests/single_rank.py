@@ -22,11 +22,8 @@ from dtn_torchrec.distributed.config import (
     ShardingConfig,
     SparseOptimizerConfig,
 )
-from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
-from dtn_torchrec.distributed.parallel import shard_model
-from dtn_torchrec.distributed.planning import plan_model
-from dtn_torchrec.distributed.topology import topology_from_env
-from dtn_torchrec.models.builder import build_train_model
+from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
+from dtn_torchrec.distributed.optimizers import build_dense_optimizer
 from dtn_torchrec.models.config import model_config_from_dict
 
 CPU = torch.device("cpu")
@@ -79,21 +76,15 @@ def one_rank_group() -> Iterator[None]:
 def sharded_train_model(
     name: str, sharding: Optional[ShardingConfig] = None
 ) -> DistributedModelParallel:
-    """``build_train_model`` on meta -> fused row-wise Adagrad -> plan -> DMP, on the CPU ranks
-    of the default group."""
+    """The product build path (meta model -> fused row-wise Adagrad -> plan -> DMP) on the CPU
+    ranks of the default group."""
     torch.manual_seed(0)
     cfg = model_config_from_dict(model_section(name))
-    module = build_train_model(cfg, SCHEMA, device=torch.device("meta"))
-    apply_sparse_optimizer(module, SparseOptimizerConfig())
-    sharding = sharding or ShardingConfig()
-    plan = plan_model(
-        module,
-        sharding,
-        topology=topology_from_env("cpu", sharding),
-        batch_size=BATCH_SIZE,
-        pg=dist.group.WORLD,
+    module = build_meta_train_model(cfg, SCHEMA, SparseOptimizerConfig())
+    sharded = build_sharded_model(
+        module, sharding or ShardingConfig(), SCHEMA, device=CPU, batch_size=BATCH_SIZE
     )
-    return shard_model(module, device=CPU, plan=plan)
+    return sharded.model
 
 
 def sparse_dist_pipeline(model: DistributedModelParallel) -> TrainPipelineSparseDist:
