@@ -273,6 +273,7 @@ def test_overrides_reach_every_section(tmp_path: Path) -> None:
         ("train.epochs=0", r"train\.epochs: must be > 0, got 0"),
         ("train.pipeline=async", r"train\.pipeline: 'async' is not one of \['sparse_dist', 'plain'\]"),
         ("data.shuffle=maybe", r"data\.shuffle: expected true or false, got 'maybe'"),
+        ("data.reader_workers=0", r"data\.reader_workers: must be > 0, got 0"),
         ("output.tensorboard=1", r"output\.tensorboard: expected true or false, got 1"),
         ("model.tower.hidden_dims=abc", r"model\.tower\.hidden_dims: expected a list"),
         ("model.name=transformer", r"model\.name: 'transformer' is not one of \['dtn', "),
