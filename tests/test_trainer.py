@@ -17,6 +17,7 @@ from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.data.synth import SynthConfig, generate
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
 from dtn_torchrec.distributed.launch import DistributedContext, init_distributed
+from dtn_torchrec.serving.loading import resolve_checkpoint
 from dtn_torchrec.train.config import run_config_from_dict
 from dtn_torchrec.train.evaluation import Evaluator
 from dtn_torchrec.train.selection import metrics_at
@@ -174,8 +175,11 @@ def test_early_stopping_keeps_the_best_and_a_resume_continues_it(
     assert (selected["step"], selected["score"], selected["stopped_early"]) == (4, 0.7, True)
     assert reference["test"] == metrics_at(reference["history"], 4)["test"]
     assert reference["valid"]["click"]["auc"] == 0.7 == selected["valid"]["conversion"]["auc"]
-    # keep_checkpoints=1 keeps the latest; the best survives pruning
+    # keep_checkpoints=1 keeps the latest; the best survives pruning, and is what a run
+    # directory hands to dtn-predict / dtn-analyze
     assert CheckpointManager(tmp_path / "ref" / "checkpoints").complete_steps() == [4, 8]
+    assert resolve_checkpoint(tmp_path / "ref").step == 4
+    assert resolve_checkpoint(tmp_path / "ref" / "checkpoints").step == 8
 
     out = tmp_path / "resumed"
     monkeypatch.setattr(Evaluator, "evaluate", _scripted_valid_auc([0.6, 0.7, 0.65]))

@@ -20,6 +20,7 @@ What is checked before any tensor is read (DCP's own errors name neither the fie
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.model import MultiTaskModel
 from dtn_torchrec.train.config import RunConfig
 from dtn_torchrec.train.run_dir import CHECKPOINT_DIR, check_model_config, run_dir_of_checkpoints
+from dtn_torchrec.train.summary import SUMMARY_FILE
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
 
     Args:
         path: a ``step_<n>`` directory, a checkpoint root (its latest complete step is used), or
-            a run directory (``output.dir`` of ``dtn-train``, holding ``checkpoints/``).
+            a run directory (``output.dir`` of ``dtn-train``, holding ``checkpoints/``: the step
+            its ``summary.json`` selected, i.e. the best valid evaluation, else the latest).
 
     Raises:
         FileNotFoundError: nothing complete there.
@@ -89,6 +92,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
         if not (p / META_FILE).is_file():
             raise FileNotFoundError(f"--checkpoint {p}: not a complete checkpoint (no {META_FILE})")
         return CheckpointRef(p.parent, int(match.group(1)))
+    selected = _selected_step(p)
+    if selected is not None:
+        root = p / CHECKPOINT_DIR
+        if (CheckpointManager(root).step_path(selected) / META_FILE).is_file():
+            return CheckpointRef(root, selected)
+        logger.warning(
+            "%s names step %d, which is not a complete checkpoint in %s: using the latest",
+            p / SUMMARY_FILE, selected, root,
+        )
     for root in (p, p / CHECKPOINT_DIR):
         step = CheckpointManager(root).latest_step()
         if step is not None:
@@ -97,6 +109,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
         f"--checkpoint {p}: no complete checkpoint (expected a step_<n> directory, a checkpoint "
         f"directory holding them, or a dtn-train output.dir with {CHECKPOINT_DIR}/)"
     )
+
+
+def _selected_step(run_dir: Path) -> Optional[int]:
+    """The step ``summary.json`` of a finished ``dtn-train`` run selected, or None without one."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["selected"]["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s: no selected step (%s): using the latest checkpoint", path, e)
+        return None
 
 
 def check_run_config(cfg: RunConfig, ref: CheckpointRef, *, allow_change: bool) -> None:
