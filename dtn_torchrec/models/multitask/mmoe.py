@@ -17,6 +17,7 @@ from dtn_torchrec.models.multitask.config import (
     TowerConfig,
 )
 from dtn_torchrec.models.multitask.expert_group import ExpertFactory, ExpertGroup, check_task_names
+from dtn_torchrec.models.multitask.fused import fused_input_gates, fused_towers, towers_fusable
 from dtn_torchrec.models.multitask.gates import InputGate, weighted_sum
 from dtn_torchrec.models.multitask.towers import build_towers
 from dtn_torchrec.models.types import ExpertInputs
@@ -67,9 +68,17 @@ class MMoE(nn.Module):
         )
         tower_in = n * self.experts.output_dim if self._concat else self.experts.output_dim
         self.towers = build_towers(tasks, tower_in, tower, device=device)
+        self._fused_heads: bool = towers_fusable([self.towers[t] for t in tasks])
 
     def forward(self, inputs: ExpertInputs) -> torch.Tensor:
         experts = self.experts(inputs)  # [B, K, H]
+        if self._fused_heads:  # all gates in one GEMM, all towers in batched GEMMs
+            weights = fused_input_gates([self.gates[t] for t in self._tasks], inputs.flat)  # [T, B, K]
+            if self._concat:
+                task_inputs = (experts.unsqueeze(0) * weights.unsqueeze(-1)).flatten(2)  # [T, B, K*H]
+            else:
+                task_inputs = torch.einsum("bkh,tbk->tbh", experts, weights)  # [T, B, H]
+            return fused_towers([self.towers[t] for t in self._tasks], task_inputs)
         logits: List[torch.Tensor] = []
         for task in self._tasks:
             weights = self.gates[task](inputs.flat)  # [B, K]
