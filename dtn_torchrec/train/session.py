@@ -23,6 +23,7 @@ from dtn_torchrec.distributed.launch import DistributedContext
 from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
 from dtn_torchrec.distributed.optimizers import build_dense_optimizer
 from dtn_torchrec.distributed.planning import format_plan, plan_to_json
+from dtn_torchrec.models.multitask.precision import configure_dense_arch
 from dtn_torchrec.train.config import RunConfig, run_config_to_dict
 from dtn_torchrec.train.run_dir import (
     CHECKPOINT_DIR,
@@ -98,6 +99,14 @@ def run_training(
     # anyway); a per-rank seed afterwards so dropout masks differ between ranks.
     seed_everything(cfg.seed)
     train_model = build_meta_train_model(cfg.model, schema, cfg.train.sparse_optimizer)
+    configure_dense_arch(train_model.model, cfg.train.precision, cfg.train.compile, ctx.device)
+    if is_rank0:
+        print(
+            f"[start] dense precision {train_model.model.dense_precision} "
+            f"(train.precision={cfg.train.precision}), compile {cfg.train.compile}",
+            file=sys.stderr,
+            flush=True,
+        )
     model, plan = build_sharded_model(
         train_model, cfg.sharding, schema, device=ctx.device, batch_size=cfg.data.batch_size
     )
