@@ -207,7 +207,9 @@ def _splitmix_py(x: int) -> int:
 def pair_hash_ids(
     features: KeyedJaggedTensor, fields: List[str], num_buckets: int, seeds: List[int]
 ) -> KeyedJaggedTensor:
-    config = PairHashConfig(fields=fields, num_hash=len(seeds), num_buckets=num_buckets, seeds=seeds)
+    config = PairHashConfig(
+        fields=fields, num_hash=len(seeds), num_buckets=num_buckets, seeds=seeds
+    )
     return PairHasher(config)(features)
 
 

@@ -3,8 +3,9 @@ Python data to it.
 
 One ``TrainPipelineSparseDist.progress`` (input dist of the next batch, forward, backward, fused
 and dense optimizer steps) of the DMP-wrapped DTN with MemoNet, and of MMoE, and the trainer's
-``LossWindow.add`` of its output run after a warm-up step with the host-sync entry points patched: ``Tensor.tolist/item/cpu/numpy``,
-``__bool__/__int__/__float__/__index__`` (a tensor used as a Python value), and tensors built
+``LossWindow.add`` of its output run after a warm-up step with the host-sync entry points
+patched: ``Tensor.tolist/item/cpu/numpy``, ``__bool__/__int__/__float__/__index__`` (a tensor
+used as a Python value), and tensors built
 from Python lists or tuples (``torch.tensor``, ``torch.as_tensor``, ``Tensor.new_tensor``, and
 indexing with a list, which builds its index tensor on the host).
 

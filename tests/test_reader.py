@@ -384,8 +384,11 @@ def _same_batches(got: List[Batch], want: List[Batch]) -> None:
 
 @pytest.mark.parametrize("workers", [2, 3])
 @pytest.mark.parametrize("shuffle_buffer_rows", [0, 5])
-def test_workers_yield_the_batches_of_one_worker(dataset: Path, workers: int, shuffle_buffer_rows: int) -> None:
-    kw = dict(world_size=2, shuffle=True, shuffle_buffer_rows=shuffle_buffer_rows, seed=5, use_weights=True)
+def test_workers_yield_the_batches_of_one_worker(
+    dataset: Path, workers: int, shuffle_buffer_rows: int
+) -> None:
+    kw = dict(world_size=2, shuffle=True, shuffle_buffer_rows=shuffle_buffer_rows, seed=5,
+              use_weights=True)
     for rank in range(2):
         for epoch in (0, 1):
             readers = []
@@ -412,7 +415,8 @@ def test_workers_resume_exactly(dataset: Path) -> None:
 
 
 def _worker_threads() -> List[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()]
+    return [t for t in threading.enumerate()
+            if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()]
 
 
 def test_worker_errors_arrive_in_stream_order_and_threads_stop(dataset: Path) -> None:
@@ -448,5 +452,6 @@ def test_pinned_batches_are_pinned_off_the_consumer_thread(
     assert threading.main_thread().name not in pinned_in
     unpinned = list(ParquetBatchReader(str(dataset), "train", 4, use_weights=True))
     assert len(pinned_in) == 6  # nothing pinned without pin_memory
-    pinned = list(ParquetBatchReader(str(dataset), "train", 4, pin_memory=True, use_weights=True, **kw))
+    pinned = list(ParquetBatchReader(str(dataset), "train", 4, pin_memory=True, use_weights=True,
+                                     **kw))
     _same_batches(pinned, unpinned)

@@ -24,6 +24,10 @@ from dtn_torchrec.data.reader_prefetch import Prefetcher, ordered_map
 from dtn_torchrec.data.schema import SAMPLE_ID_COLUMN, SchemaSpec
 
 
+# Rows of one decoded window, in the order they are taken: (window, row indices).
+WindowRows = Tuple[DecodedWindow, np.ndarray]
+
+
 def _is_int_list(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
 
@@ -62,8 +66,8 @@ class ParquetBatchReader:
 
     def __init__(self, dataset_dir: str, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  shuffle: bool = False, shuffle_buffer_rows: int = 0, seed: int = 0, drop_last: bool = False,
-                 use_weights: bool = False, prefetch_batches: int = 2, fields: Optional[List[str]] = None,
-                 workers: int = 1, pin_memory: bool = False) -> None:
+                 use_weights: bool = False, prefetch_batches: int = 2,
+                 fields: Optional[List[str]] = None, workers: int = 1, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -221,7 +225,7 @@ class ParquetBatchReader:
             kept.append((w, spans, skip_rows))
             skip_rows = 0
 
-        def decode(item: Tuple[int, List[reader_plan.Span], int]) -> Tuple[DecodedWindow, np.ndarray]:
+        def decode(item: Tuple[int, List[reader_plan.Span], int]) -> WindowRows:
             w, spans, skipped = item
             window = self._read_window(spans)
             if self.shuffle and self.shuffle_buffer_rows > 0:
@@ -240,7 +244,8 @@ class ParquetBatchReader:
         finally:
             for pf in files.values():
                 pf.close()
-        return DecodedWindow.from_table(table, self.fields, self.weight_columns, self.labels, SAMPLE_ID_COLUMN)
+        return DecodedWindow.from_table(table, self.fields, self.weight_columns, self.labels,
+                                        SAMPLE_ID_COLUMN)
 
     def _read_span(self, files: Dict[int, pq.ParquetFile], span: reader_plan.Span) -> pa.Table:
         file_index, rg = self._units[span.unit]
@@ -269,20 +274,20 @@ class ParquetBatchReader:
         (and pinned) on the worker threads, in order."""
         return ordered_map(self._assemble, self._batch_rows(epoch, start), self.workers)
 
-    def _assemble(self, pieces: Optional[List[Tuple[DecodedWindow, np.ndarray]]]) -> Batch:
+    def _assemble(self, pieces: Optional[List[WindowRows]]) -> Batch:
         if pieces is None:  # nothing to copy; pinning would also drop its per-key JaggedTensors
             return self._empty_batch()
         batch = self._to_batch(pieces)
         return batch.pin_memory() if self.pin_memory else batch
 
-    def _batch_rows(self, epoch: int, start: int) -> Iterator[Optional[List[Tuple[DecodedWindow, np.ndarray]]]]:
+    def _batch_rows(self, epoch: int, start: int) -> Iterator[Optional[List[WindowRows]]]:
         """The rows of batches ``start, start + 1, ...``: (window, row indices) pieces in batch
         order, or None for a 0-row batch."""
         b = self.batch_size
         emitted = start
         if emitted >= self._num_batches:
             return
-        pending: List[Tuple[DecodedWindow, np.ndarray]] = []
+        pending: List[WindowRows] = []
         pending_rows = 0
         for window, order in self._windows(epoch, start * b):
             pending.append((window, order))
@@ -310,7 +315,7 @@ class ParquetBatchReader:
             yield None
             emitted += 1
 
-    def _to_batch(self, pieces: List[Tuple[DecodedWindow, np.ndarray]]) -> Batch:
+    def _to_batch(self, pieces: List[WindowRows]) -> Batch:
         """One batch from rows of decoded windows: (window, row indices) in batch order."""
         lengths, values, weights = [], [], []
         for f in self.fields:

@@ -83,8 +83,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Gener
 
     At most ``2 * workers`` calls are in flight (submitted ahead of the consumer); ``workers == 1``
     calls ``fn`` in the consuming thread. An exception of ``fn``, or of ``items``, is raised where
-    its result (or item's result) would have been yielded. Closing the generator cancels the calls not started and waits for the
-    running ones.
+    its result (or the item's result) would have been yielded. Closing the generator cancels the
+    calls not started and waits for the running ones.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")

@@ -283,5 +283,7 @@ class EvalAccumulator:
         rows = gather_rows(local, process_group)
         if rows is None:  # not the first rank: the same layout, values from the first rank
             rows = local[:0]
-        metrics = compute_task_metrics(rows[:, :t], rows[:, t:], self._task_names, self._parent_tasks)
+        metrics = compute_task_metrics(
+            rows[:, :t], rows[:, t:], self._task_names, self._parent_tasks
+        )
         return broadcast_metrics(metrics, process_group, device)
