@@ -391,7 +391,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
 
     root = tmp_path_factory.mktemp("tiny")
     raw, data = root / "raw", root / "data"
-    assert synth.main(["--output", str(raw), "--train-rows", "300", "--test-rows", "100",
+    # 1200 train rows after the valid split: two batches of the demo configs' 512.
+    assert synth.main(["--output", str(raw), "--train-rows", "1500", "--test-rows", "300",
                        "--id-scale", "0.002", "--history-scale", "0.1"]) == 0
     assert prepare.main(["--format", "aliccp-raw", "--input", str(raw), "--output", str(data),
                          "--valid-fraction", "0.2", "--quiet"]) == 0
@@ -471,3 +472,28 @@ def test_planning_command_runs(command: DocCommand, tiny: Dict[str, str], tmp_pa
     monkeypatch.chdir(_sandbox(tmp_path, tiny))
     expected = 1 if "exit 1" in command.note else 0
     assert _run_in_process(command, tiny) == expected
+
+
+WORKER_COMMANDS = ("dtn-train", "dtn-predict", "dtn-analyze")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_train_predict_analyze_chain_runs(document: str, tiny: Dict[str, str],
+                                          tmp_path: Path) -> None:
+    """The document's dtn-train, dtn-predict and dtn-analyze lines, in order, as separate
+    processes on the tiny dataset (each rank command ends its process through ``os._exit``)."""
+    sandbox = _sandbox(tmp_path, tiny)
+    # One variant per line (the minimal one): the variants of a line write the same outputs.
+    first_variant = {c.where: c for c in reversed(doc_commands(document))}
+    chain = [c for c in reversed(first_variant.values()) if c.program in WORKER_COMMANDS]
+    assert chain, f"{document} shows no dtn-train / dtn-predict / dtn-analyze line"
+    bin_dir = Path(sys.executable).parent
+    for command in chain:
+        argv = resolve_argv(command.argv, tiny)
+        result = subprocess.run(
+            [str(bin_dir / argv[0]), *argv[1:]], cwd=sandbox, capture_output=True, text=True,
+            timeout=600,
+        )
+        reason = " | ".join(result.stderr.strip().splitlines()[-3:])
+        assert result.returncode == 0, f"{command}: exit {result.returncode}: {reason}"
