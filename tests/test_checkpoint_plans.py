@@ -1,7 +1,8 @@
 """A checkpoint written under one sharding plan loads under another (issue 13): tables moved
-between row-wise, column-wise and table-wise keep their fused optimiser state (DCP reshards it);
-a table moved between a fused sharded optimiser and data-parallel (dense optimiser) keeps its
-weights and restarts its optimiser state, with a warning naming the table."""
+between row-wise, column-wise and table-wise keep their fused optimiser state (DCP reshards it;
+row-wise Adagrad's per-column-shard accumulators are converted); a table moved between a fused
+optimiser and data-parallel (dense optimiser) keeps its weights and restarts its optimiser state,
+with a warning naming the table."""
 
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ PLAN_B = {
     "t_f3": ["row_wise"],
     "c0": ["table_wise"],
 }
-# Tables whose state cannot be carried over, per fused optimiser: fused <-> dense (t_f2, t_f3)
-# always; row-wise Adagrad keeps one accumulator per row and column shard, so its global shape
-# changes when t_f1 leaves column-wise.
-RESET_TABLES = {"adagrad": {"t_f2", "t_f3"}, "rowwise_adagrad": {"t_f1", "t_f2", "t_f3"}}
+# Tables whose state cannot be carried over: fused <-> dense.
+RESET_TABLES = {"t_f2", "t_f3"}
+# Row-wise Adagrad keeps one accumulator per row and column shard: t_f1 leaving column-wise is
+# converted (the column-width-weighted mean over its shards).
+CW_PARAM = "model.ebc.embedding_bags.t_f1.weight"
 
 
 def _build(table_types: Dict[str, List[str]], sparse: str) -> Any:
@@ -116,7 +118,17 @@ def _save(directory: str, plan: Dict[str, List[str]], sparse: str) -> Dict[str, 
         optimizers.optimizer.step()
         optimizers.optimizer.zero_grad()
     CheckpointManager(directory).save(2, model=dmp, optimizer=optimizers.optimizer)
-    return {"logits": _logits(dmp)}
+    # t_f1's column shards on this rank: (column offset, width, optimiser state).
+    weight = dmp.state_dict()[CW_PARAM]
+    columns = []
+    if weight.local_shards():  # this rank holds column shards of t_f1
+        (entry,) = optimizers.optimizer.state_dict()["state"][CW_PARAM].values()
+        by_offset = lambda shards: sorted(shards, key=lambda s: s.metadata.shard_offsets)  # noqa
+        columns = [
+            (w.metadata.shard_offsets[1], w.metadata.shard_sizes[1], m.tensor.clone())
+            for w, m in zip(by_offset(weight.local_shards()), by_offset(entry.local_shards()))
+        ]
+    return {"logits": _logits(dmp), "t_f1_columns": columns}
 
 
 def _load(directory: str, plan: Dict[str, List[str]], sparse: str) -> Dict[str, Any]:
@@ -187,15 +199,20 @@ def test_checkpoint_loads_under_another_plan(
             for message in result["warnings"]
             if f"table {table} " in message
         }
-        assert warned == RESET_TABLES[sparse], result["warnings"]
+        assert warned == RESET_TABLES, result["warnings"]
         assert result["finite"]
         # Moved between sharded types: the fused state is the saved one, resharded.
         for param, entries in result["loaded"].items():
             table = param.split(".")[-2]
-            if table in RESET_TABLES[sparse]:
+            if table in RESET_TABLES:
                 continue
             for entry, pieces in entries.items():
                 full = result["saved"][f"optim.state.{param}.{entry}"]
+                if param == CW_PARAM and sparse == "rowwise_adagrad":
+                    columns = [c for r in saved for c in r["t_f1_columns"]]
+                    assert len(columns) == 2 and full.shape == (2 * 64,)
+                    width = sum(w for _, w, _ in columns)
+                    full = sum(w * m for _, w, m in columns) / width
                 for offsets, tensor in pieces:
                     index = tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))
                     torch.testing.assert_close(tensor, full[index], rtol=0, atol=0)

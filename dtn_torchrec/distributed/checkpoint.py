@@ -20,9 +20,9 @@ What is saved: the model's ``state_dict()`` (sharded tables as ``ShardedTensor``
 writes only its shards) and the optimiser's (fused sparse states such as Adagrad accumulators,
 dense Adam moments and step). Optimiser entries with no state (fused SGD) are left out: DCP cannot
 load an empty entry. DCP reshards on load, so a checkpoint written by N ranks under one plan loads
-on M ranks under another. A table whose optimiser state cannot be carried over (moved between a
-fused optimiser and data-parallel, or state whose global shape depends on the plan) gets its
-weights back and fresh optimiser state, with a warning naming it.
+on M ranks under another; ``checkpoint_optim`` converts row-wise accumulators between column
+sharded and unsharded layouts, and a table moved between a fused optimiser and data-parallel gets
+its weights back and fresh optimiser state, with a warning naming it.
 
 Per-rank state (``extra``: reader position, RNG states, ...) cannot be resharded. Loading at the
 world size it was written with, each rank gets back its own ``extra``. Loading at another world
@@ -70,6 +70,7 @@ from dtn_torchrec.distributed.checkpoint_files import (
     read_metadata_file,
     verify_files,
 )
+from dtn_torchrec.distributed.checkpoint_optim import loadable_optimizer_state
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -123,51 +124,6 @@ def _with_nonempty_state(optimizer_state: Dict[str, Any]) -> Dict[str, Any]:
     fills ``optimizer_state`` in place.
     """
     state = {key: value for key, value in optimizer_state["state"].items() if value}
-    return {**optimizer_state, "state": state}
-
-
-def _table_of(param: str) -> str:
-    """``t_f3`` for ``model.ebc.embedding_bags.t_f3.weight``; other parameters by full name."""
-    parts = param.split(".")
-    if len(parts) >= 3 and parts[-3] in ("embedding_bags", "embeddings"):
-        return parts[-2]
-    return param
-
-
-def _loadable_optimizer_state(
-    optimizer_state: Dict[str, Any], saved: Mapping[str, Any], path: Path
-) -> Dict[str, Any]:
-    """The optimiser state without the parameters the checkpoint cannot fill.
-
-    DCP reshards a state entry saved under any plan whose global shape is the same (a fused
-    table moved between row-, column- and table-wise, any world size). A table that moved
-    between a fused optimiser and data-parallel (the dense optimiser: other entries), or whose
-    state's global shape depends on the plan (row-wise Adagrad under column-wise sharding), keeps
-    its freshly initialised state instead, with a warning naming the table.
-    """
-    state: Dict[str, Any] = {}
-    for param, entries in optimizer_state["state"].items():
-        problems: List[str] = []
-        for name, value in entries.items():
-            entry = saved.get(f"optim.state.{param}.{name}")
-            if entry is None:
-                problems.append(f"no {name}")
-            elif hasattr(value, "size") and hasattr(entry, "size"):
-                if tuple(value.size()) != tuple(entry.size):
-                    problems.append(
-                        f"{name} is {list(entry.size)} there, {list(value.size())} here"
-                    )
-        if problems:
-            logger.warning(
-                "checkpoint %s: optimiser state of table %s not restored (saved under another"
-                " plan or optimiser: %s); its weights are restored, its optimiser state starts"
-                " afresh",
-                path,
-                _table_of(param),
-                "; ".join(problems),
-            )
-            continue
-        state[param] = entries
     return {**optimizer_state, "state": state}
 
 
@@ -448,7 +404,7 @@ class CheckpointManager:
         if optimizer is not None:
             optimizer_state = optimizer.state_dict()
             saved = read_metadata_file(path / METADATA_FILE).state_dict_metadata
-            state["optim"] = _loadable_optimizer_state(
+            state["optim"] = loadable_optimizer_state(
                 _with_nonempty_state(optimizer_state), saved, path
             )
         try:
