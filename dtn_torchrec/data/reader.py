@@ -67,7 +67,8 @@ class ParquetBatchReader:
     def __init__(self, dataset_dir: str, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  shuffle: bool = False, shuffle_buffer_rows: int = 0, seed: int = 0, drop_last: bool = False,
                  use_weights: bool = False, prefetch_batches: int = 2,
-                 fields: Optional[List[str]] = None, workers: int = 1, pin_memory: bool = False) -> None:
+                 fields: Optional[List[str]] = None, workers: int = 1,
+                 pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
