@@ -132,7 +132,7 @@ def _config(select: Dict[str, Any]) -> Dict[str, Any]:
 def test_select_config_is_checked_with_the_dotted_key() -> None:
     cfg = run_config_from_dict(_config({"task": "conversion", "patience": 2}))
     assert cfg.train.select == SelectConfig(task="conversion", patience=2)
-    for select, message in (
+    for section, message in (
         ({"task": "purchase"}, "train.select.task: 'purchase' is neither 'mean' nor one of"),
         ({"metric": "cvr_auc"}, "train.select.metric: must be one of"),
         ({"mode": "largest"}, "train.select.mode"),
@@ -140,4 +140,4 @@ def test_select_config_is_checked_with_the_dotted_key() -> None:
         ({"metrc": "auc"}, "train.select.metrc"),
     ):
         with pytest.raises(ConfigError, match=message):
-            run_config_from_dict(_config(select))
+            run_config_from_dict(_config(section))
