@@ -170,7 +170,8 @@ def test_truncated_latest_checkpoint_falls_back_to_older(
     "damage, reason",
     [
         (lambda s: (s / META_FILE).write_text("{not json"), f"{META_FILE}: unreadable"),
-        (lambda s: (s / META_FILE).write_text('{"format": 1}'), f"{META_FILE}: checkpoint format 1, expected 2"),
+        (lambda s: (s / META_FILE).write_text('{"format": 1}'),
+         f"{META_FILE}: checkpoint format 1, expected 2"),
         (lambda s: (s / "extra_rank0.json").unlink(), "extra_rank0.json: missing checkpoint file"),
         (lambda s: (s / ".metadata").write_bytes(b"x" * (s / ".metadata").stat().st_size),
          ".metadata: content differs"),

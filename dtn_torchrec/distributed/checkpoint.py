@@ -367,7 +367,7 @@ class CheckpointManager:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise CorruptCheckpointError(
                 f"{meta_path}: checkpoint format {found!r}, expected {FORMAT_VERSION}"
-                + (" (format 1 kept pickled run state, which is never loaded)" if found == 1 else "")
+                + (" (format 1 kept pickled run state, never loaded)" if found == 1 else "")
             )
         if not isinstance(meta.get("files"), dict) or not isinstance(meta.get("world_size"), int):
             raise CorruptCheckpointError(f"{meta_path}: no file list or world size")

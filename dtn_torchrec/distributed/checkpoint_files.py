@@ -93,10 +93,12 @@ def read_metadata_file(path: str | os.PathLike) -> Metadata:
         with open(path, "rb") as f:
             metadata = MetadataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt file
-        raise CorruptCheckpointError(f"{path}: unreadable checkpoint metadata ({_reason(e)})") from e
+        raise CorruptCheckpointError(
+            f"{path}: unreadable checkpoint metadata ({_reason(e)})"
+        ) from e
     if not isinstance(metadata, Metadata):
         raise CorruptCheckpointError(
-            f"{path}: unreadable checkpoint metadata (a {type(metadata).__name__}, not DCP metadata)"
+            f"{path}: unreadable checkpoint metadata (a {type(metadata).__name__}, not DCP's)"
         )
     return metadata
 
@@ -181,7 +183,8 @@ def _decode(obj: Dict[str, Any]) -> Any:
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown tensor dtype {obj['$tensor']!r}")
         raw = bytearray(base64.b64decode(obj["bytes"]))
-        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        empty = torch.empty(0, dtype=torch.uint8)
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else empty
         return flat.view(dtype).reshape(obj["shape"]).clone()
     if "$ndarray" in obj:
         dtype = np.dtype(str(obj["$ndarray"]))

@@ -127,7 +127,9 @@ def loadable_optimizer_state(
                 if row_state is not None and isinstance(value, ShardedTensor):
                     converted[name] = row_state
                 else:
-                    problems.append(f"{name} is {list(entry.size)} there, {list(value.size())} here")
+                    problems.append(
+                        f"{name} is {list(entry.size)} there, {list(value.size())} here"
+                    )
         if problems:
             logger.warning(
                 "checkpoint %s: optimiser state of table %s not restored (saved under another"

@@ -237,8 +237,9 @@ def predict(
             ``config.yaml`` (default: refuse, naming the keys).
 
     Raises:
-        FileNotFoundError, FileExistsError (``OutputDirError``), ValueError (``SchemaMismatchError``,
-        ``CheckpointMismatchError``), RuntimeError: with nothing written.
+        FileNotFoundError, FileExistsError (``OutputDirError``), ValueError
+        (``SchemaMismatchError``, ``CheckpointMismatchError``, ``RunMismatchError``,
+        ``CorruptCheckpointError``), RuntimeError: with nothing written.
     """
     output = Path(output)
     data = SchemaSpec.load(input_dir)

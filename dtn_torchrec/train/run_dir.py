@@ -153,7 +153,9 @@ def check_model_config(
     )
 
 
-def check_dataset(run_dir: str | os.PathLike, data_path: str | os.PathLike, schema: SchemaSpec) -> None:
+def check_dataset(
+    run_dir: str | os.PathLike, data_path: str | os.PathLike, schema: SchemaSpec
+) -> None:
     """Compares ``schema`` (of ``data_path``) with the run's ``dataset.json``: same fields, table
     sizes and labels. A run directory without ``dataset.json`` is not checked.
 
