@@ -27,6 +27,8 @@ from dtn_torchrec.analysis.importance import RANK_BY, ImportanceConfig
 from dtn_torchrec.cli.common import (
     add_allow_config_change_argument,
     add_overrides_argument,
+    add_verbose_argument,
+    apply_verbose,
     fail,
 )
 from dtn_torchrec.distributed.launch import init_distributed, shutdown_and_exit
@@ -84,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an earlier dtn-analyze output (never anything else)",
     )
     add_allow_config_change_argument(parser)
+    add_verbose_argument(parser)
     add_overrides_argument(parser)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
     args = build_parser().parse_intermixed_args(argv)
+    apply_verbose(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         fail(PROG, 2, "dtn-analyze runs as one process, not under torchrun with several workers")

@@ -8,6 +8,7 @@ import sys
 from typing import NoReturn
 
 from dtn_torchrec.distributed.launch import shutdown_and_exit
+from dtn_torchrec.distributed.library_warnings import show_library_warnings
 from dtn_torchrec.train.run_dir import ALLOW_CONFIG_CHANGE_FLAG
 
 
@@ -19,6 +20,22 @@ def add_overrides_argument(parser: argparse.ArgumentParser, example: str = "") -
         metavar="dotted.key=value",
         help="config overrides, the value read as YAML" + (f" (e.g. {example})" if example else ""),
     )
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--verbose``: library warnings known to be harmless are shown too."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the library warnings known to be harmless (silenced by default; "
+        "see dtn_torchrec/distributed/library_warnings.py)",
+    )
+
+
+def apply_verbose(args: argparse.Namespace) -> None:
+    """Acts on ``--verbose`` (before the process group starts)."""
+    if args.verbose:
+        show_library_warnings()
 
 
 def add_allow_config_change_argument(parser: argparse.ArgumentParser) -> None:

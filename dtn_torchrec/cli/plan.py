@@ -26,6 +26,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.build import build_meta_train_model
+from dtn_torchrec.distributed.library_warnings import (
+    quiet_harmless_log_lines,
+    show_library_warnings,
+)
 from dtn_torchrec.distributed.plan_report import (
     PlanDoesNotFit,
     PlanReport,
@@ -75,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--show-ranks", type=int, default=64, metavar="N",
                    help="print every rank up to N ranks, else the N most loaded (default 64)")
-    p.add_argument("--verbose", action="store_true", help="also log the planner's own stats table")
+    p.add_argument(
+        "--verbose", action="store_true",
+        help="also log the planner's own stats table and the library warnings known to be harmless",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value",
         help="config overrides, e.g. train.sparse_optimizer.name=adam",
@@ -189,10 +196,11 @@ def _fail(message: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(message)s")
-    if not args.verbose:
-        # TorchRec warns per data-parallel table ("Sharding spec not found") through the root logger.
-        logging.getLogger().setLevel(logging.ERROR)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
+    if args.verbose:
+        show_library_warnings()
+    quiet_harmless_log_lines()
     try:
         cfg = load_run_config(args.config, args.overrides)
         batch_size = args.batch_size if args.batch_size is not None else cfg.data.batch_size

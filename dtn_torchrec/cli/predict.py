@@ -34,6 +34,8 @@ from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.cli.common import (
     add_allow_config_change_argument,
     add_overrides_argument,
+    add_verbose_argument,
+    apply_verbose,
     fail,
 )
 from dtn_torchrec.distributed.launch import DistributedContext, init_distributed, shutdown_and_exit
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="--export: embedding tables as fp32 (none) or int8 rows (default: none)",
     )
+    add_verbose_argument(parser)
     add_overrides_argument(parser, "data.eval_batch_size=4096")
     return parser
 
@@ -160,6 +163,7 @@ def _score(cfg: RunConfig, args: argparse.Namespace, ctx: DistributedContext) ->
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
     args = build_parser().parse_intermixed_args(argv)
+    apply_verbose(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if (args.output is None) == (args.export is None):
         fail(PROG, 2, "give exactly one of --output (score) and --export (export for serving)")

@@ -19,6 +19,8 @@ from typing import List, NoReturn, Optional
 from dtn_torchrec.cli.common import (
     add_allow_config_change_argument,
     add_overrides_argument,
+    add_verbose_argument,
+    apply_verbose,
     fail,
 )
 from dtn_torchrec.distributed.launch import (
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse to start without a CUDA device for every rank instead of falling back to "
         "gloo on CPU (DTN_DEVICE=cpu|cuda|auto picks the device; default auto)",
     )
+    add_verbose_argument(parser)
     add_overrides_argument(parser, "train.max_steps=100 model.tower.hidden_dims=[64,32]")
     return parser
 
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> NoReturn:
     # Intermixed: overrides may come before and after --resume.
     args = build_parser().parse_intermixed_args(argv)
+    apply_verbose(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_run_config(args.config, args.overrides)

@@ -10,6 +10,8 @@ from typing import NamedTuple, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from dtn_torchrec.distributed.library_warnings import quiet_harmless_log_lines
+
 logger: logging.Logger = logging.getLogger(__name__)
 
 
@@ -74,11 +76,15 @@ def init_distributed(
             environment variable, else ``auto``. The test suite pins ``cpu`` through it.
         require_cuda: refuse to start without CUDA instead of falling back to gloo on CPU.
 
+    Also drops the library log lines known to be harmless
+    (``library_warnings.HARMLESS_LOG_LINES``; the CLIs' ``--verbose`` keeps them).
+
     Raises:
         LaunchError: CUDA asked for but absent, or ``LOCAL_RANK`` has no CUDA device.
     """
     if dist.is_initialized():
         raise RuntimeError("the default process group is already initialised")
+    quiet_harmless_log_lines()
     use_cuda = _use_cuda(device or os.environ.get(DEVICE_ENV, "auto"), require_cuda)
     backend = "nccl" if use_cuda else "gloo"
     if "RANK" in os.environ:

@@ -13,6 +13,7 @@ from torchrec.distributed.model_parallel import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
+from dtn_torchrec.distributed.library_warnings import harmless_warnings
 from dtn_torchrec.distributed.optimizers import check_fused_optimizers
 from dtn_torchrec.distributed.sharders import embedding_sharders
 
@@ -41,15 +42,20 @@ def shard_model(
     """
     check_fused_optimizers(module, plan, device.type)
     group = pg if pg is not None else dist.group.WORLD
-    return DistributedModelParallel(
-        module=module,
-        env=ShardingEnv.from_process_group(group),
-        device=device,
-        plan=plan,
-        sharders=sharders if sharders is not None else embedding_sharders(),
-        data_parallel_wrapper=DefaultDataParallelWrapper(
-            find_unused_parameters=find_unused_parameters,
-            # static_graph assumes every step uses the same parameters; unused ones break it.
-            static_graph=not find_unused_parameters,
-        ),
-    )
+    with harmless_warnings(
+        "`broadcast_buffers` is deprecated",
+        reason="TorchRec's DDP wrapper passes broadcast_buffers=False, deprecated but honoured"
+        " by torch 2.13 as before (buffers are not synced, as TorchRec intends)",
+    ):
+        return DistributedModelParallel(
+            module=module,
+            env=ShardingEnv.from_process_group(group),
+            device=device,
+            plan=plan,
+            sharders=sharders if sharders is not None else embedding_sharders(),
+            data_parallel_wrapper=DefaultDataParallelWrapper(
+                find_unused_parameters=find_unused_parameters,
+                # static_graph assumes every step uses the same parameters; unused ones break it.
+                static_graph=not find_unused_parameters,
+            ),
+        )
