@@ -13,7 +13,9 @@ How the docs write commands, and how this test reads them:
   the optional parts and with them, once per alternative.
 - An ALL-CAPS word (``CFG``, ``RAW_DIR``, ``K``) is a placeholder, replaced from ``PLACEHOLDERS``;
   ``...`` stands for arguments shown elsewhere and is dropped.
-- Command-output blocks are not tagged ``bash``.
+- Command-output blocks are not tagged ``bash``. Inline spans count as commands only for
+  ``python ...`` and ``make ...``; an inline ``dtn-...`` span is prose (a flag named in a
+  sentence).
 """
 
 from __future__ import annotations
@@ -134,8 +136,10 @@ def _expand(tokens: List[str]) -> List[Tuple[str, ...]]:
     return list(dict.fromkeys(variants))
 
 
-# Inline code spans that are whole commands: `dtn-... --flag ...`, `python ...`, `make target`.
-_INLINE_COMMAND = re.compile(r"`((?:dtn-[a-z-]+ |python3? (?:-m \S+|\S+\.py)|make )[^`]*)`")
+# Inline code spans that are whole commands: `python -m module ...`, `python path.py ...`,
+# `make target`. An inline `dtn-... --flag` is prose naming a flag; full dtn-* commands go in
+# bash blocks.
+_INLINE_COMMAND = re.compile(r"`((?:python3? (?:-m \S+|\S+\.py)|make )[^`]*)`")
 
 
 def _inline_lines(path: Path) -> Iterator[Tuple[int, str]]:
