@@ -233,9 +233,12 @@ def saved_model_shapes(ref: CheckpointRef) -> Dict[str, Tuple[int, ...]]:
     }
 
 
-def _field_tables(model: InferenceModel) -> Tuple[str, Dict[str, str]]:
-    """The state-key prefix of the field tables and ``{state key: field name}``."""
+def _field_tables(model: InferenceModel) -> Tuple[Optional[str], Dict[str, str]]:
+    """The state-key prefix of the dataset-sized field tables and ``{state key: field name}``
+    (None and ``{}`` when every field has a managed-collision table, sized by the config)."""
     ebc = model.model.sparse_arch.embedding_bag_collection
+    if ebc is None:
+        return None, {}
     (path,) = [name for name, module in model.named_modules() if module is ebc]
     prefix = f"{path}.embedding_bags."
     return prefix, {
@@ -281,7 +284,7 @@ def check_state_matches(
                 )
     for key in saved:
         if key not in expected:
-            if key.startswith(prefix):
+            if prefix is not None and key.startswith(prefix):
                 table = key[len(prefix) :].removesuffix(".weight")
                 data_issues.append(f"the checkpoint has table {table!r}, the dataset no such field")
             else:
