@@ -1,315 +1,344 @@
-"""Model quality on data with a planted signal: test AUC per task of each configured model against
-the oracle (the true probabilities), the best model without the planted crosses, and a
-logistic-regression-on-embeddings baseline, over seeds.
+"""Model quality through the product: test AUC of each shipped config against the oracle, over
+random task-specific structures, with parameter counts and samples/s beside it.
 
-    dtn-synth --output SYN --train-rows 200000 --test-rows 50000 --seed 3 \
-        --id-scale 0.002 --history-scale 0.1 --rows-per-user 10
-    dtn-prepare --format aliccp-raw --input SYN --output DATA --valid-fraction 0.1 --quiet
-    python -m benchmarks.model_quality --data DATA --truth SYN \
-        --configs configs/dtn_demo.yaml configs/mmoe_demo.yaml configs/ple_demo.yaml \
-        --seeds 0 1 2 --epochs 4 --out quality.json
+For each structure seed S: ``dtn-synth --structure random --structure-seed S --seed S`` (raw
+Ali-CCP files whose click and conversion depend on crosses drawn from S, and the oracle AUC),
+``dtn-prepare`` with its default flags (a valid split carved from train), then ``dtn-train`` on
+``--nproc`` ranks (``torchrun``: sharded tables, fused sparse optimisers,
+``TrainPipelineSparseDist``) for every config at the same ``--epochs``, plus the baseline, a plain
+multi-task MLP over the pooled embeddings (``benchmarks/mlp_baseline.yaml``). Each run's
+``summary.json`` gives the test AUC of the checkpoint ``dtn-train`` selected on the valid split.
 
-Protocol (the same for every model): unsharded (a demo data set's tables fit anywhere: this
-measures the models, not the distribution), one thread per run, one Adam optimiser over all
-parameters, the same batch size, learning rate and epoch budget. By default the embedding
-tables get no L2 penalty, as in ``dtn-train`` on CPU (FBGEMM's CPU kernels have no weight decay
-for the fused table optimisers), so this measures the models as the product trains them.
-``--embedding-l2`` adds one on whole tables, as Keras' ``embeddings_regularizer`` (under Adam the
-rows of ids absent from a batch shrink too): it narrows the gap between DTN and the MLP-expert
-models at ~100k rows (README, "Model quality"). When the data set has a ``valid`` split
-(``dtn-prepare --valid-fraction``), each model trains until its mean valid AUC over the tasks has
-not improved for ``--patience`` epochs (at most ``--epochs``) and the test AUC is that of its
-best valid epoch; without one, every model trains exactly ``--epochs``. The baseline is the
-first config's embedding layer and one linear logit per task. Runs are independent (each seeds
-its own model and shuffle), so ``--jobs`` runs them in parallel processes.
+    python -m benchmarks.model_quality --workdir /tmp/quality --seeds-report 0-4 \
+        --train-rows 200000 --test-rows 40000 --epochs 3 \
+        --out benchmarks/results/model_quality.json
 
-Prints a table (mean and standard deviation over seeds, gap to the oracle) and writes JSON.
+Structure seeds are for reporting (``--seeds-report``, below 100) or for tuning configs
+(``--seeds-tune``, 100 and above), never both: configs are tuned on structures that the
+reported numbers never see.
+
+The GEMM peak (one thread, as each rank runs) and the CPU other processes took during every run
+are recorded; a run during which they took more than ``conditions.CONTENDED_CORES`` of a core is
+marked contended (its samples/s are not publishable; its AUC is unaffected). ``--reuse`` keeps
+a structure's data and every finished run found in ``--workdir`` instead of redoing them.
+
+Prints a table (mean +- std over structures per model and task, mean gap to the oracle,
+parameters, samples/s) and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import multiprocessing
+import os
+import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import yaml
-from torch import nn
 
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-
+from benchmarks.common import contention_mark, format_table, machine_info
+from benchmarks.conditions import OtherCpuMonitor, is_contended, measure_gemm_peaks, probe_idle
 from dtn_torchrec.atomic_files import write_json_atomic
-from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
-from dtn_torchrec.models.builder import build_train_model
-from dtn_torchrec.models.config import ModelConfig, model_config_from_dict
-from dtn_torchrec.models.embedding import SparseArch
-from dtn_torchrec.models.losses import MultiTaskLoss
-from dtn_torchrec.models.model import MultiTaskTrainWrapper
-from dtn_torchrec.train.metrics import binary_auc
+from dtn_torchrec.models.stats import model_stats
+from dtn_torchrec.train.config import load_run_config
 
-LOGISTIC_REGRESSION = "logistic_regression"
-VALID_SPLIT = "valid"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIGS = [REPO / "configs" / f"{m}_demo.yaml"
+                   for m in ("dtn", "mmoe", "ple", "shared_bottom")]
+DEFAULT_BASELINE = REPO / "benchmarks" / "mlp_baseline.yaml"
+# Structure seeds at or above this are for tuning, below it for reporting.
+TUNE_SEED_MIN = 100
 TEST_SPLIT = "test"
 
 
-class EmbeddingLogisticRegression(nn.Module):
-    """Baseline: one linear logit per task over the flat field embeddings ``[B, F*D] -> [B, T]``."""
+@dataclass(frozen=True)
+class SynthSettings:
+    """The ``dtn-synth`` flags every structure shares (the structure seed adds the rest).
 
-    def __init__(self, sparse_arch: SparseArch, tasks: List[str]) -> None:
-        super().__init__()
-        self.tasks = list(tasks)
-        self.sparse_arch = sparse_arch
-        self.linear = nn.Linear(sparse_arch.num_fields * sparse_arch.embedding_dim, len(tasks))
-
-    def forward(self, features) -> torch.Tensor:
-        return self.linear(self.sparse_arch(features).flat)
-
-
-@dataclass
-class TrainSettings:
-    """What every model is trained with.
-
-    Args:
-        epochs (int): epoch budget (the most epochs any model trains).
-        patience (int): with a valid split, stop after this many epochs without a better mean
-            valid AUC.
-        batch_size (int): training rows per step.
-        lr (float): Adam learning rate of every parameter (embeddings included).
-        embedding_l2 (float): Adam ``weight_decay`` (L2 added to the gradient) of every embedding
-            table (the field tables and MemoNet codebooks); 0 for the other parameters.
+    Small vocabularies (``id_scale``) and about ``rows_per_user`` rows per user: a few hundred
+    thousand rows then hold enough of each planted cross cell to learn it.
     """
 
-    epochs: int = 4
-    patience: int = 1
-    batch_size: int = 512
-    lr: float = 2e-3
-    embedding_l2: float = 0.0
+    train_rows: int = 200_000
+    test_rows: int = 40_000
+    id_scale: float = 0.002
+    history_scale: float = 0.1
+    rows_per_user: float = 10.0
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs, patience and batch_size must be >= 1, got {self}")
-        if self.lr <= 0 or self.embedding_l2 < 0:
-            raise ValueError(f"lr must be > 0 and embedding_l2 >= 0, got {self}")
-
-
-@dataclass
-class QualityRun:
-    """One model trained with one seed.
-
-    ``valid_auc`` per epoch (empty without a valid split); ``test_auc`` of ``best_epoch``
-    (1-based).
-    """
-
-    name: str
-    seed: int
-    test_auc: Dict[str, float]
-    valid_auc: List[Dict[str, float]]
-    best_epoch: int
-    seconds: float
+    def flags(self) -> List[str]:
+        return ["--train-rows", str(self.train_rows), "--test-rows", str(self.test_rows),
+                "--id-scale", str(self.id_scale), "--history-scale", str(self.history_scale),
+                "--rows-per-user", str(self.rows_per_user)]
 
 
-def load_model_config(path: str) -> ModelConfig:
-    with open(path) as f:
-        return model_config_from_dict(yaml.safe_load(f)["model"])
+def parse_seeds(text: str) -> List[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,3,7"`` -> [0, 3, 7]; ranges and lists mix."""
+    seeds: List[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a seed list like 0-4 or 0,3,7: {text!r}") from None
+        if low < 0 or high < low:
+            raise argparse.ArgumentTypeError(f"bad seed range {part!r} in {text!r}")
+        seeds.extend(range(low, high + 1))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
+    return seeds
 
 
-def candidate_name(candidate: str) -> str:
-    return candidate if candidate == LOGISTIC_REGRESSION else Path(candidate).stem
+def check_seed_purpose(seeds: Sequence[int], purpose: str) -> None:
+    """Report seeds lie below ``TUNE_SEED_MIN``, tuning seeds at or above it."""
+    wrong = [s for s in seeds if (s >= TUNE_SEED_MIN) != (purpose == "tune")]
+    if wrong:
+        side = f">= {TUNE_SEED_MIN}" if purpose == "tune" else f"< {TUNE_SEED_MIN}"
+        raise SystemExit(f"--seeds-{purpose}: seeds must be {side} (tuning and reporting seeds "
+                         f"are kept apart), got {wrong}")
 
 
-def build_candidate(candidate: str, schema: SchemaSpec, reference: ModelConfig) -> nn.Module:
-    """A train wrapper (``forward(batch) -> (loss, (loss, logits, labels))``) for a config file, or
-    the logistic-regression baseline on ``reference``'s embedding settings."""
-    if candidate == LOGISTIC_REGRESSION:
-        model = EmbeddingLogisticRegression(SparseArch(schema, reference.embedding), reference.tasks)
-        loss = MultiTaskLoss(reference.tasks, reference.loss.task_weights, None)
-        return MultiTaskTrainWrapper(model, loss, [schema.labels.index(t) for t in reference.tasks])
-    return build_train_model(load_model_config(candidate), schema)
+def python_module(module: str, *args: str) -> List[str]:
+    return [sys.executable, "-m", module, *args]
 
 
-def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Adam:
-    """Adam over every parameter; the embedding tables' group (field tables, MemoNet codebooks)
-    carries the L2 penalty."""
-    tables = {
-        id(p): p
-        for m in model.modules()
-        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
-        for p in m.parameters()
-    }
-    dense = [p for p in model.parameters() if id(p) not in tables]
-    return torch.optim.Adam(
-        [{"params": dense, "weight_decay": 0.0},
-         {"params": list(tables.values()), "weight_decay": settings.embedding_l2}],
-        lr=settings.lr,
-    )
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: str, split: str, tasks: List[str]) -> Dict[str, float]:
-    """Exact AUC per task of ``model`` on a whole split."""
-    model.eval()
-    logits, labels = [], []
-    for batch in ParquetBatchReader(data, split, 4096):
-        _, (_, batch_logits, batch_labels) = model(batch)
-        logits.append(batch_logits)
-        labels.append(batch_labels)
-    scores, targets = torch.cat(logits), torch.cat(labels)
-    auc = {}
-    for i, task in enumerate(tasks):
-        value = binary_auc(scores[:, i], targets[:, i])
-        if value is None:
-            raise ValueError(f"{data}: split {split!r} has no positive or no negative {task!r} label")
-        auc[task] = float(value)
-    return auc
-
-
-def train_and_evaluate(
-    candidate: str, data: str, seed: int, settings: TrainSettings, reference: ModelConfig
-) -> QualityRun:
-    """Trains one model (early stopping on the valid split when there is one), returns its test AUC."""
-    schema = SchemaSpec.load(data)
-    tasks = reference.tasks
-    torch.manual_seed(seed)
-    model = build_candidate(candidate, schema, reference)
-    optimizer = build_optimizer(model, settings)
-    reader = ParquetBatchReader(
-        data, "train", settings.batch_size, shuffle=True, shuffle_buffer_rows=8 * settings.batch_size, seed=seed
-    )
-    select = VALID_SPLIT in schema.splits
-    valid_auc: List[Dict[str, float]] = []
-    best_score, best_epoch, best_state = float("-inf"), settings.epochs, None
+def run_logged(command: List[str], log: Path,
+               env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Runs ``command`` with its output in ``log``; returns its wall seconds and the CPU other
+    processes took meanwhile (cores). Exits naming the log when the command fails."""
+    monitor = OtherCpuMonitor()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    monitor.start()
     start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        model.train()
-        reader.set_epoch(epoch)
-        for batch in reader:
-            loss, _ = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if not select:
-            continue
-        valid_auc.append(evaluate(model, data, VALID_SPLIT, tasks))
-        score = statistics.fmean(valid_auc[-1].values())
-        if score > best_score:
-            best_score, best_epoch, best_state = score, epoch + 1, copy.deepcopy(model.state_dict())
-        elif epoch + 1 - best_epoch >= settings.patience:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    test_auc = evaluate(model, data, TEST_SPLIT, tasks)
-    return QualityRun(candidate_name(candidate), seed, test_auc, valid_auc, best_epoch, time.perf_counter() - start)
+    with open(log, "w") as out:
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seconds = time.perf_counter() - start
+    # The monitor counts only live descendants as ours; the finished command's CPU is in
+    # RUSAGE_CHILDREN (the command waits for its own children).
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu = (children.ru_utime + children.ru_stime
+                 - children_before.ru_utime - children_before.ru_stime)
+    other_cores = max(0.0, monitor.stop() - child_cpu / max(seconds, 1e-9))
+    if proc.returncode != 0:
+        module = command[command.index("-m") + 1]
+        raise SystemExit(f"{module} exited {proc.returncode}; see {log}")
+    return {"seconds": seconds, "other_cpu_cores": other_cores}
 
 
-def summarise(runs: List[QualityRun], tasks: List[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Model -> task -> ``{"mean", "std"}`` of the test AUC over the model's seeds."""
-    summary: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for name in dict.fromkeys(r.name for r in runs):
-        values = {t: [r.test_auc[t] for r in runs if r.name == name] for t in tasks}
-        summary[name] = {
-            t: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-            for t, v in values.items()
+def prepare_structure(seed: int, synth: SynthSettings, workdir: Path,
+                      reuse: bool) -> Dict[str, Any]:
+    """``dtn-synth`` (random structure ``seed``) then ``dtn-prepare`` (defaults) into
+    ``workdir/s<seed>/{raw,data}``; returns the commands and ``truth.json``."""
+    base = workdir / f"s{seed}"
+    raw, data = base / "raw", base / "data"
+    synth_cmd = python_module("dtn_torchrec.cli.synth", "--output", str(raw), *synth.flags(),
+                              "--seed", str(seed), "--structure", "random",
+                              "--structure-seed", str(seed))
+    prepare_cmd = python_module("dtn_torchrec.cli.prepare", "--format", "aliccp-raw",
+                                "--input", str(raw), "--output", str(data), "--quiet")
+    done = (raw / "truth.json").exists() and (data / "schema.json").exists()
+    if not (reuse and done):
+        if base.exists():
+            raise SystemExit(f"{base} exists: pass --reuse to keep it, or choose a new --workdir")
+        base.mkdir(parents=True)
+        run_logged(synth_cmd, base / "synth.log")
+        run_logged(prepare_cmd, base / "prepare.log")
+    truth = json.loads((raw / "truth.json").read_text())
+    return {"seed": seed, "data": str(data), "commands": [synth_cmd, prepare_cmd],
+            "structure": truth.get("structure"), "oracle_test_auc": truth["oracle_auc"][TEST_SPLIT]}
+
+
+def train_command(config: Path, data: str, run_dir: Path, args: argparse.Namespace) -> List[str]:
+    """The ``torchrun ... dtn_torchrec.cli.train`` command of one config on one structure."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    return [torchrun, "--nproc_per_node", str(args.nproc), "-m", "dtn_torchrec.cli.train",
+            "--config", str(config), f"data.path={data}", f"output.dir={run_dir}",
+            f"train.epochs={args.epochs}", "output.tensorboard=false", *args.override]
+
+
+def train_run(config: Path, structure: Dict[str, Any], workdir: Path,
+              args: argparse.Namespace) -> Dict[str, Any]:
+    """Trains one config on one structure (or reads its finished run with ``--reuse``)."""
+    base = workdir / f"s{structure['seed']}"
+    run_dir = base / "runs" / config.stem
+    summary_path = run_dir / "summary.json"
+    command = train_command(config, structure["data"], run_dir, args)
+    conditions: Dict[str, Any] = {"seconds": None, "other_cpu_cores": None}
+    reused = args.reuse and summary_path.exists()
+    if not reused:
+        if run_dir.exists():
+            raise SystemExit(
+                f"{run_dir} exists: pass --reuse to keep it, or choose a new --workdir")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        conditions = run_logged(command, base / "runs" / f"{config.stem}.log", env)
+    summary = json.loads(summary_path.read_text())
+    if summary["epochs"] > args.epochs or summary["config"]["train"]["epochs"] != args.epochs:
+        raise SystemExit(f"{summary_path}: trained for {summary['config']['train']['epochs']} "
+                         f"epochs, not --epochs {args.epochs}; use a new --workdir")
+    oracle = structure["oracle_test_auc"]
+    test_auc = {t: m["auc"] for t, m in summary[TEST_SPLIT].items()}
+    record = {
+        "model": config.stem,
+        "seed": structure["seed"],
+        "command": command,
+        "reused": reused,
+        "test_auc": test_auc,
+        "gap_to_oracle": {t: oracle[t] - v for t, v in test_auc.items()},
+        "selected": {k: summary["selected"][k] for k in ("step", "epoch", "rule", "stopped_early")},
+        "test_auc_history": [{"step": h["step"], **{t: m["auc"] for t, m in h["metrics"].items()}}
+                             for h in summary["history"] if h["split"] == TEST_SPLIT],
+        "steps": summary["steps"],
+        "samples_per_s": summary["throughput"]["samples_per_s"],
+        "world_size": summary["world_size"],
+        **conditions,
+        "contended": (conditions["other_cpu_cores"] is not None
+                      and is_contended([conditions["other_cpu_cores"]])),
+    }
+    print(f"[quality] s{structure['seed']} {config.stem}: selected epoch "
+          f"{record['selected']['epoch']}, "
+          + ", ".join(f"{t} {v:.4f}" for t, v in test_auc.items())
+          + f", {record['samples_per_s']:,.0f} samples/s", file=sys.stderr, flush=True)
+    return record
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(runs: List[Dict[str, Any]], structures: List[Dict[str, Any]], tasks: List[str],
+              lead: str) -> Dict[str, Dict[str, Any]]:
+    """Per model: mean +- std over structures of the test AUC, the gap to the oracle, the paired
+    difference to ``lead`` (the first config), samples/s and the selected epochs."""
+    by_model: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for run in runs:
+        by_model.setdefault(run["model"], {})[run["seed"]] = run
+    seeds = [s["seed"] for s in structures]
+    summary = {}
+    for model, per_seed in by_model.items():
+        summary[model] = {
+            "test_auc": {t: mean_std([per_seed[s]["test_auc"][t] for s in seeds]) for t in tasks},
+            "gap_to_oracle": {t: mean_std([per_seed[s]["gap_to_oracle"][t] for s in seeds])
+                              for t in tasks},
+            f"{lead}_minus_this": {
+                t: mean_std([by_model[lead][s]["test_auc"][t] - per_seed[s]["test_auc"][t]
+                             for s in seeds]) for t in tasks},
+            "samples_per_s": mean_std([per_seed[s]["samples_per_s"] for s in seeds]),
+            "selected_epochs": [per_seed[s]["selected"]["epoch"] for s in seeds],
         }
     return summary
 
 
-def _set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def compare(
-    data: str,
-    configs: List[str],
-    seeds: List[int],
-    settings: TrainSettings,
-    truth_dir: Optional[str] = None,
-    jobs: int = 1,
-    threads: int = 1,
-    log: Optional[Callable[[str], None]] = None,
-) -> Dict[str, Any]:
-    """Trains the baseline and every config with every seed in ``jobs`` processes of ``threads``
-    threads each; the result JSON (see the module doc), runs in (candidate, seed) order."""
-    reference = load_model_config(configs[0])
-    tasks = reference.tasks
-    truth = json.loads((Path(truth_dir) / "truth.json").read_text()) if truth_dir else {}
-    work: List[Tuple[str, int]] = [(c, seed) for c in [LOGISTIC_REGRESSION, *configs] for seed in seeds]
-    runs: Dict[Tuple[str, int], QualityRun] = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_set_threads, initargs=(threads,)) as pool:
-        # The baseline, much the quickest, goes last so that no long run starts at the end.
-        futures = {key: pool.submit(train_and_evaluate, key[0], data, key[1], settings, reference)
-                   for key in work[len(seeds):] + work[:len(seeds)]}
-        for key, future in futures.items():
-            run = future.result()
-            runs[key] = run
-            if log is not None:
-                log(f"{run.name:<20} seed {run.seed}: best epoch {run.best_epoch}  "
-                    + "  ".join(f"{t} {v:.4f}" for t, v in run.test_auc.items()) + f"  ({run.seconds:.0f} s)")
-    ordered = [runs[key] for key in work]
-    return {
-        "tasks": tasks,
-        "test_auc": summarise(ordered, tasks),
-        "oracle_test_auc": truth.get("oracle_auc", {}).get(TEST_SPLIT, {}),
-        "no_cross_test_auc": truth.get("no_cross_auc", {}).get(TEST_SPLIT, {}),
-        "selection": "best valid epoch" if VALID_SPLIT in SchemaSpec.load(data).splits else "last epoch",
-        "seeds": list(seeds),
-        "settings": asdict(settings),
-        "configs": list(configs),
-        "runs": [asdict(r) for r in ordered],
-    }
-
-
-def format_table(result: Dict[str, Any]) -> str:
-    """Markdown table: mean +- std test AUC per task and its gap to the oracle."""
-    tasks, oracle, no_cross = result["tasks"], result["oracle_test_auc"], result["no_cross_test_auc"]
-    header = "| model |" + "".join(f" {t} AUC | {t} gap to oracle |" for t in tasks)
-    lines = [header, "|---|" + "---:|---:|" * len(tasks)]
-    for name, per_task in result["test_auc"].items():
-        row = f"| {name} |"
-        for t in tasks:
-            gap = f"{oracle[t] - per_task[t]['mean']:.4f}" if t in oracle else "-"
-            row += f" {per_task[t]['mean']:.4f} ± {per_task[t]['std']:.4f} | {gap} |"
-        lines.append(row)
-    for label, values in (("no planted cross (truth)", no_cross), ("oracle (truth)", oracle)):
-        if values:
-            lines.append(f"| {label} |" + "".join(f" {values[t]:.4f} | |" for t in tasks))
-    return "\n".join(lines)
+def table(result: Dict[str, Any]) -> str:
+    """Text table: per model, mean +- std test AUC and mean gap to the oracle per task."""
+    tasks = result["tasks"]
+    header = ["model", "params", *[c for t in tasks for c in (f"{t} AUC", "gap")], "samples/s",
+              "selected epochs"]
+    rows = []
+    for model, s in result["summary"].items():
+        cells = [c for t in tasks for c in (
+            f"{s['test_auc'][t]['mean']:.4f} ± {s['test_auc'][t]['std']:.4f}",
+            f"{s['gap_to_oracle'][t]['mean']:.4f}")]
+        rows.append([model, f"{result['parameters'][model]['total_params']:,}", *cells,
+                     f"{s['samples_per_s']['mean']:,.0f}",
+                     " ".join(str(e) for e in s["selected_epochs"])])
+    oracle = result["oracle_test_auc"]
+    rows.append(["oracle (truth)", "", *[c for t in tasks for c in (
+        f"{oracle[t]['mean']:.4f} ± {oracle[t]['std']:.4f}", "")], "", ""])
+    return format_table(header, rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="dataset written by dtn-prepare")
-    p.add_argument("--truth", help="dtn-synth output dir (oracle and no-cross AUC from its truth.json)")
-    p.add_argument("--configs", nargs="+", required=True)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=TrainSettings.epochs)
-    p.add_argument("--patience", type=int, default=TrainSettings.patience)
-    p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
-    p.add_argument("--lr", type=float, default=TrainSettings.lr)
-    p.add_argument("--embedding-l2", type=float, default=TrainSettings.embedding_l2)
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    # One thread per run by default: these models are small, and more threads than free cores
-    # slow a shared machine down several-fold (intra-op threads spin waiting for each other).
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--out", help="JSON output path")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, type=Path,
+                   help="raw data, datasets, run directories and logs, one folder per structure")
+    seeds = p.add_mutually_exclusive_group(required=True)
+    seeds.add_argument("--seeds-report", type=parse_seeds,
+                       help=f"structure seeds to report on (< {TUNE_SEED_MIN}), e.g. 0-4")
+    seeds.add_argument("--seeds-tune", type=parse_seeds,
+                       help=f"structure seeds to tune configs on (>= {TUNE_SEED_MIN}), "
+                            "e.g. 100-104")
+    p.add_argument("--configs", nargs="+", type=Path, default=DEFAULT_CONFIGS,
+                   help="the first is the model the others are compared with")
+    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    p.add_argument("--train-rows", type=int, default=SynthSettings.train_rows)
+    p.add_argument("--test-rows", type=int, default=SynthSettings.test_rows)
+    p.add_argument("--override", nargs="*", default=[],
+                   help="more dotted overrides for every dtn-train run")
+    p.add_argument("--gemm-window-seconds", type=float, default=2.0,
+                   help="each GEMM peak window (3 per dtype)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the data and finished runs already in --workdir")
+    p.add_argument("--out", type=Path,
+                   default=REPO / "benchmarks" / "results" / "model_quality.json")
     args = p.parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        p.error("--jobs and --threads must be >= 1")
-    settings = TrainSettings(args.epochs, args.patience, args.batch_size, args.lr, args.embedding_l2)
-    result = compare(args.data, args.configs, args.seeds, settings, args.truth, args.jobs, args.threads,
-                     log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_table(result))
-    if args.out:
-        write_json_atomic(args.out, result)
+    purpose = "report" if args.seeds_report is not None else "tune"
+    structure_seeds = args.seeds_report if purpose == "report" else args.seeds_tune
+    check_seed_purpose(structure_seeds, purpose)
+    if args.epochs < 1 or args.nproc < 1:
+        p.error("--epochs and --nproc must be >= 1")
+    synth = SynthSettings(train_rows=args.train_rows, test_rows=args.test_rows)
+    configs = [*args.configs, args.baseline]
+    names = [c.stem for c in configs]
+    if len(set(names)) != len(names):
+        p.error(f"config file names must differ (run directories are named by them): {names}")
+
+    idle_probe = probe_idle(1.0)
+    torch.set_num_threads(1)  # what each rank runs with (OMP_NUM_THREADS=1)
+    peaks = measure_gemm_peaks(1024, args.gemm_window_seconds)
+    gemm = {d: peak.record() for d, peak in peaks.items()}
+
+    structures, runs = [], []
+    for seed in structure_seeds:
+        structure = prepare_structure(seed, synth, args.workdir, args.reuse)
+        structures.append(structure)
+        runs.extend(train_run(c, structure, args.workdir, args) for c in configs)
+
+    tasks = list(runs[0]["test_auc"])
+    schema = SchemaSpec.load(structures[0]["data"])
+    parameters = {c.stem: model_stats(load_run_config(str(c)).model, schema).to_dict()
+                  for c in configs}
+    contended = (any(r["contended"] for r in runs) or any(g["contended"] for g in gemm.values()))
+    result = {
+        "benchmark": "model_quality",
+        "purpose": purpose,
+        "structure_seeds": structure_seeds,
+        "machine": machine_info(),
+        "synth": asdict(synth),
+        "epochs": args.epochs,
+        "nproc": args.nproc,
+        "overrides": args.override,
+        "configs": [str(c) for c in args.configs],
+        "baseline": args.baseline.stem,
+        "tasks": tasks,
+        "oracle_test_auc": {t: mean_std([s["oracle_test_auc"][t] for s in structures])
+                            for t in tasks},
+        "parameters": parameters,
+        "parameters_on": f"structure {structures[0]['seed']}'s schema (table sizes from its data)",
+        "summary": summarise(runs, structures, tasks, args.configs[0].stem),
+        "gemm_peak_one_thread": gemm,
+        "idle_probe_other_cpu_cores": idle_probe,
+        "contended": contended,
+        "structures": structures,
+        "runs": runs,
+    }
+    print(table(result))
+    print(f"GEMM peak, 1 thread: fp32 {gemm['fp32']['flops'] / 1e9:,.1f}, bf16 "
+          f"{gemm['bf16']['flops'] / 1e9:,.1f} GFLOP/s; conditions: {contention_mark(contended)}")
+    write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
     return 0
 
 

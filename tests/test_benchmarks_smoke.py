@@ -255,36 +255,6 @@ def test_reference_tables_pool_like_torchrec(tmp_path: Path) -> None:
         assert torch.allclose(got[f.name], expected[f.name])
 
 
-@pytest.mark.slow
-def test_cli_quality_smoke_reports_the_runs_summary_against_the_oracle(tmp_path: Path) -> None:
-    from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
-    from dtn_torchrec.data.synth import SynthConfig, generate
-
-    generate(SynthConfig(train_rows=3000, test_rows=1000, seed=4, id_scale=0.002, history_scale=0.1),
-             tmp_path / "raw")
-    prepare_dataset("aliccp-raw", tmp_path / "raw", tmp_path / "data", PrepareOptions(progress=False))
-    out = tmp_path / "cli_quality.json"
-    command = [sys.executable, "-m", "benchmarks.cli_quality", "--data", str(tmp_path / "data"),
-               "--truth", str(tmp_path / "raw"), "--runs", str(tmp_path / "runs"), "--epochs", "1",
-               "--configs", str(REPO / "configs" / "mmoe_demo.yaml"), "--max-gap", "0.5", "--out", str(out)]
-    for reuse in (False, True):
-        proc = subprocess.run(command + (["--reuse"] if reuse else []), capture_output=True, text=True,
-                              timeout=600, cwd=REPO)
-        assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
-        result = json.loads(out.read_text())
-        (run,) = result["runs"]
-        assert run["reused"] is reuse
-        summary = json.loads((tmp_path / "runs" / "mmoe_demo" / "summary.json").read_text())
-        truth = json.loads((tmp_path / "raw" / "truth.json").read_text())["oracle_auc"]["test"]
-        assert result["tasks"] == ["click", "conversion"] and result["esmm"] is True
-        assert summary["world_size"] == 2 and summary["config"]["model"]["loss"]["relation"] == "esmm"
-        for task in result["tasks"]:
-            assert run["test_auc"][task] == summary["test"][task]["auc"]
-            assert run["gap_to_oracle"][task] == pytest.approx(truth[task] - summary["test"][task]["auc"])
-        assert run["within_max_gap"] is all(g <= 0.5 for g in run["gap_to_oracle"].values())
-        assert run["test_auc_history"][-1]["step"] == summary["steps"]
-
-
 def test_planted_dataset_labels_follow_the_oracle(tmp_path: Path) -> None:
     from benchmarks.synthetic import write_planted_dataset
 
