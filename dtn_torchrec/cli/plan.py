@@ -170,7 +170,8 @@ def format_report(report: PlanReport, show_ranks: int) -> str:
         ),
         f"{'HBM' if on_gpu else 'DDR'} used per rank: min {_gib(min(used))}, mean {_gib(sum(used) / len(used))}, "
         f"max {_gib(max(used))} of {_gib(capacity)} GiB "
-        f"({_gib(capacity * (1 - report.storage_reservation))} usable)",
+        f"({_gib(report.usable_bytes)} usable for tables"
+        f"{' after the dense model, batches and the reserve' if on_gpu else ''})",
         "",
     ]
     cm = report.comms
@@ -227,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         topology = cluster.topology()
         model = build_meta_train_model(cfg.model, schema, cfg.train.sparse_optimizer)
         optimizer = cfg.train.sparse_optimizer.name
-        plan, options = plan_sharding(
+        planned = plan_sharding(
             model,
             sharding,
             schema,
@@ -237,12 +238,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         _, dense_params = count_parameters(model)
         report = build_report(
-            options,
+            planned.options,
             cluster=cluster,
             topology=topology,
             batch_size=batch_size,
             optimizer=optimizer,
             storage_reservation=sharding.storage_reservation,
+            usable_bytes=planned.usable_bytes,
             dense_params=dense_params,
         )
     except PlanDoesNotFit as e:
@@ -263,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "table_scale": args.table_scale,
                 **report.to_json(),
                 # The same layout as dtn-train's <output.dir>/plan.json.
-                "plan": plan_to_json(plan),
+                "plan": plan_to_json(planned.plan),
             },
         )
     print(f"fits: yes, every rank within its {'HBM' if args.compute_device == 'cuda' else 'host memory'}")

@@ -71,8 +71,9 @@ class ShardingConfig:
         ddr_cap_gb: host memory per rank (GiB); None = host RAM / local world size.
         intra_host_bw_gbps: bandwidth between ranks of one host (GB/s); None = TorchRec default.
         inter_host_bw_gbps: bandwidth between hosts (GB/s); None = TorchRec default.
-        storage_reservation: fraction of each rank's memory the planner keeps free; on CUDA in
-            addition to the dense model and input batches it counts (TorchRec's heuristic).
+        storage_reservation: fraction of each rank's device memory (HBM) the planner keeps free,
+            on top of the dense model and input batches it counts (TorchRec's heuristic);
+            TorchRec reserves no host memory, so it does nothing on CPU.
         uvm_caching: on CUDA, let tables without configured kernels live in host memory with an
             HBM cache (``fused_uvm_caching``).
     """

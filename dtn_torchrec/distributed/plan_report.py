@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch.nn as nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -89,6 +89,7 @@ class _BestPlanCapture(Stats):
 
     def __init__(self) -> None:
         self.best_plan: List[ShardingOption] = []
+        self.usable_bytes = 0
 
     def log(
         self,
@@ -109,6 +110,26 @@ class _BestPlanCapture(Stats):
         # The planner also logs its last failed proposal (an empty plan); keep only real plans.
         if sharding_plan.plan:
             self.best_plan = list(best_plan)
+            reserved = storage_reservation.last_reserved_topology
+            if reserved is not None:
+                storages = [d.storage for d in reserved.devices]
+                on_gpu = reserved.compute_device == "cuda"
+                self.usable_bytes = min(s.hbm if on_gpu else s.ddr for s in storages)
+
+
+class PlannedSharding(NamedTuple):
+    """A plan with the planner's estimates.
+
+    Args:
+        plan: the plan DMP takes.
+        options: the chosen sharding options (each shard with rank and storage estimate).
+        usable_bytes: memory per rank the planner could fill with tables (capacity less its
+            storage reservation: on CUDA the dense model, input batches and the reserve).
+    """
+
+    plan: ShardingPlan
+    options: List[ShardingOption]
+    usable_bytes: int
 
 
 def plan_sharding(
@@ -119,7 +140,7 @@ def plan_sharding(
     topology: Topology,
     batch_size: int,
     optimizer: str,
-) -> Tuple[ShardingPlan, List[ShardingOption]]:
+) -> PlannedSharding:
     """Plans as training does (``build.plan_for``, in this process) and keeps the planner's
     estimates.
 
@@ -131,9 +152,6 @@ def plan_sharding(
         topology: from :meth:`ClusterSpec.topology`.
         batch_size: per-rank batch size.
         optimizer: sparse optimiser name, for the advice when nothing fits.
-
-    Returns:
-        The plan and the chosen sharding options (each shard with rank and storage estimate).
 
     Raises:
         PlanDoesNotFit: no plan; the message says how much memory is needed and what to add.
@@ -152,7 +170,7 @@ def plan_sharding(
         raise PlanDoesNotFit(
             _advice(e, module, embedding_sharders(), topology, cfg, optimizer)
         ) from e
-    return plan, capture.best_plan
+    return PlannedSharding(plan, capture.best_plan, capture.usable_bytes)
 
 
 def _advice(
@@ -164,14 +182,15 @@ def _advice(
     optimizer: str,
 ) -> str:
     """One line: what the tables need, what the topology holds, what to add."""
-    storage_reservation = cfg.storage_reservation
+    # TorchRec's reservations take device memory only.
+    on_gpu = topology.compute_device == "cuda"
+    storage_reservation = cfg.storage_reservation if on_gpu else 0.0
     if error.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
         first = str(error).strip().splitlines()[0]
         return f"the planner found no plan under the sharding constraints ({first}); relax sharding.tables"
     need = _table_bytes(module, sharders, optimizer)
     world = topology.world_size
     device = topology.devices[0].storage
-    on_gpu = topology.compute_device == "cuda"
     per_rank = (device.hbm if on_gpu else device.ddr) * (1.0 - storage_reservation)
     memory = "HBM" if on_gpu else "host memory"
     min_ranks = math.ceil(need / per_rank)
@@ -192,7 +211,7 @@ def _advice(
             f" {UVM_CACHING_RATIO:.0%} of its rows in HBM"
         )
     elif on_gpu:
-        host = world * device.ddr * (1.0 - storage_reservation)
+        host = world * device.ddr
         fits = "enough" if need <= host else "not enough either"
         advice += (
             f", or use UVM caching (--uvm-caching: tables in host memory, {world} x"
@@ -454,6 +473,7 @@ class PlanReport:
     batch_size: int
     optimizer: str
     storage_reservation: float
+    usable_bytes: int
     tables: List[TablePlacement]
     ranks: List[RankMemory]
     comms: CommsEstimate
@@ -473,6 +493,7 @@ class PlanReport:
             "batch_size": self.batch_size,
             "optimizer": self.optimizer,
             "storage_reservation": self.storage_reservation,
+            "usable_bytes_per_rank": self.usable_bytes,
             "dense_params": self.dense_params,
             "table_bytes": self.table_bytes,
             "tables": [asdict(t) for t in self.tables],
@@ -489,6 +510,7 @@ def build_report(
     batch_size: int,
     optimizer: str,
     storage_reservation: float,
+    usable_bytes: int,
     dense_params: int,
 ) -> PlanReport:
     """Per-table placement, per-rank memory and traffic of a plan."""
@@ -512,6 +534,7 @@ def build_report(
         batch_size=batch_size,
         optimizer=optimizer,
         storage_reservation=storage_reservation,
+        usable_bytes=usable_bytes,
         tables=tables,
         ranks=rank_memory(options, topology, optimizer),
         comms=estimate_comms(options, topology, batch_size, dense_params),

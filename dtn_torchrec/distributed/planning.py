@@ -15,7 +15,8 @@ Planner inputs, the same for training, scoring and ``dtn-plan``:
   ``pooling_factor`` wins), so I/O buffers, traffic and costs are not estimated for one id;
 * storage reservation: on CUDA TorchRec's ``HeuristicalStorageReservation`` (the dense model
   with its optimiser and DDP buffers, the pipelined input batches, plus
-  ``sharding.storage_reservation`` of HBM); on CPU a fixed fraction of host memory.
+  ``sharding.storage_reservation`` of HBM); on CPU TorchRec's fixed percentage, which like
+  every TorchRec reservation takes device memory only, so host memory is not reserved.
 
 The planner's per-rank storage table (``EmbeddingStats``) goes to the ``torchrec`` logger at INFO.
 """
