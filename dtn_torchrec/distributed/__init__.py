@@ -14,6 +14,10 @@ Facts this layer relies on (``docs/sharding.md``, re-checked by the tests):
   on CPU and is refused. Invalid requests fail on every rank naming the table.
 * FBGEMM's CPU kernels run only fused ``sgd`` / ``adagrad`` / ``rowwise_adagrad`` and ignore
   weight decay; ``shard_model`` refuses ``adam`` / sparse weight decay on CPU.
+* No table is ``data_parallel`` unless the configuration names it (``sharders.py``): the planner
+  would flip tables between replicated and sharded as the world size changes. Where a table would
+  get one column shard the column-splitting types are not offered either (``planning.py``): the
+  planner rates them equal to ``table_wise`` and picks either, not reproducibly.
 * ``data_parallel`` tables are updated (and clipped) by the dense optimiser, not the fused one.
 * Embedding gradients are averaged over ranks like DDP's dense ones (TorchRec's gradient division).
 * Checkpoints reshard (2 ranks -> 1 and 1 -> 2 give identical logits and next steps); per-rank
