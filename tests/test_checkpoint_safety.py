@@ -150,6 +150,7 @@ def test_pickle_payload_runs_no_code(
     assert not (tmp_path / "pred").exists() and not (tmp_path / "analysis").exists()
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_older(
     trained, one_rank, tmp_path: Path, caplog
 ) -> None:
@@ -226,6 +227,7 @@ def test_differing_model_key_is_refused_by_name(
     assert not (tmp_path / "pred").exists() and not (tmp_path / "analysis").exists()
 
 
+@pytest.mark.slow
 def test_allowed_config_change_scores(trained, one_rank, tmp_path: Path) -> None:
     run = _copy_run(trained, tmp_path)
     cfg = _config(run["raw"], {"model.embedding.pooling": "sum"})
@@ -235,6 +237,7 @@ def test_allowed_config_change_scores(trained, one_rank, tmp_path: Path) -> None
     assert summary.rows == 150
 
 
+@pytest.mark.slow
 def test_resume_on_another_schema_fails_before_writing(trained, one_rank, tmp_path: Path) -> None:
     run = _copy_run(trained, tmp_path)
     other = make_dataset(tmp_path / "other", train_rows=300, test_rows=100, seed=7)
