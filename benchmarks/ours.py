@@ -75,7 +75,9 @@ def ours_rank(run: TrainRun) -> Dict[str, Any]:
         sharding = ShardingConfig(sharding_types=list(run.sharding_types))
     dmp, plan = build_sharded_model(model, sharding, schema, device=device, batch_size=run.batch_size)
     optimizers = build_dense_optimizer(dmp, cfg.train.dense_optimizer)
-    pipeline = TrainPipelineSparseDist(dmp, optimizers.optimizer, device, execute_all_batches=True)
+    pipeline = TrainPipelineSparseDist(
+        dmp, optimizers.optimizer, device, execute_all_batches=True, pipeline_postproc=True
+    )
     reader = ParquetBatchReader(
         run.data,
         "train",
