@@ -265,6 +265,7 @@ def test_run_state_round_trips_exactly_through_json(tmp_path: Path) -> None:
         "reader": {"epoch": 1, "batches": 3},
         "history": [{"loss": float("nan"), "auc": 0.5}],
         "empty": torch.zeros(0, 3, dtype=torch.int64),
+        "tensors": [torch.tensor(3.5), torch.tensor([True, False]), torch.ones(2, 3).bfloat16()],
     }
     back = loads_state(dumps_state(state), tmp_path / "x.json")
     assert back["rng"]["python"] == random.getstate()
@@ -273,6 +274,8 @@ def test_run_state_round_trips_exactly_through_json(tmp_path: Path) -> None:
     assert torch.equal(back["rng"]["torch"], torch.get_rng_state())
     assert back["reader"] == {"epoch": 1, "batches": 3}
     assert back["empty"].shape == (0, 3) and back["empty"].dtype == torch.int64
+    for saved, loaded in zip(state["tensors"], back["tensors"]):
+        assert loaded.dtype == saved.dtype and torch.equal(loaded, saved)
     with pytest.raises(CorruptCheckpointError, match="x.json: unreadable run state"):
         loads_state(b'{"a": {"$ndarray": "|O", "shape": [1], "bytes": ""}}', tmp_path / "x.json")
 

@@ -150,7 +150,7 @@ def _encode(obj: Any) -> Any:
         return {
             "$tensor": str(data.dtype).removeprefix("torch."),
             "shape": list(data.shape),
-            "bytes": base64.b64encode(data.view(torch.uint8).numpy().tobytes()).decode()
+            "bytes": base64.b64encode(data.reshape(-1).view(torch.uint8).numpy().tobytes()).decode()
             if data.numel()
             else "",
         }
