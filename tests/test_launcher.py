@@ -54,11 +54,17 @@ def test_demo_report_puts_model_auc_next_to_oracle() -> None:
         "oracle_auc": {"test": {"click": 0.8, "conversion": 0.85}},
         "oracle_auc_conversion_given_click": {"test": 0.79},
     }
-    lines = module.report(summary, truth).splitlines()
-    assert lines[1].split() == ["click", "0.6123", "0.8000"]
-    assert lines[2].split() == ["conversion", "0.7000", "0.8500"]
-    assert lines[3].split() == ["conversion", "|", "click", "0.5500", "0.7900"]
-    assert lines[4] == "throughput: 1,234 samples/s over 2 ranks (58 steps)"
+    lines = [line.split() for line in module.report(truth, {"dtn": summary}).splitlines()]
+    assert lines[0] == ["test", "AUC", "oracle", "dtn"]
+    assert lines[1] == ["click", "0.8000", "0.6123"]
+    assert lines[2] == ["conversion", "0.8500", "0.7000"]
+    assert lines[3] == ["conversion", "|", "click", "0.7900", "0.5500"]
+    # The gap to the oracle: 0.8 - 0.61234, 0.85 - 0.7, 0.79 - 0.55.
+    assert lines[6:9] == [
+        ["click", "0.1877"], ["conversion", "0.1500"], ["conversion", "|", "click", "0.2400"]
+    ]
+    assert ["samples/s", "(2", "ranks)", "1,234"] in lines
+    assert ["reported", "step", "58"] in lines
 
 
 def test_gpu_nodes_are_sized_from_their_gpus() -> None:
