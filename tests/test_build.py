@@ -113,5 +113,6 @@ def test_dtn_plan_reports_the_plan_dtn_train_uses(tmp_path: Path) -> None:
     planned = json.loads(out.read_text())["plan"]
     assert trained[0] == trained[1] == planned
     # Both ranks hold tables: the comparison covers a real 2-rank layout.
-    ranks = {s["rank"] for t in planned["model.sparse_arch.embedding_bag_collection"].values() for s in t["shards"]}
+    tables = planned["model.sparse_arch.embedding_bag_collection"].values()
+    ranks = {s["rank"] for t in tables for s in t["shards"]}
     assert ranks == {0, 1}

@@ -151,7 +151,8 @@ def test_require_cuda_refuses_a_cpu_fallback(
 
 def test_unknown_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DEVICE_ENV, "tpu")
-    with pytest.raises(LaunchError, match=r"DTN_DEVICE='tpu': expected one of \['auto', 'cpu', 'cuda'\]"):
+    expected = r"DTN_DEVICE='tpu': expected one of \['auto', 'cpu', 'cuda'\]"
+    with pytest.raises(LaunchError, match=expected):
         init_distributed()
 
 

@@ -167,8 +167,8 @@ def table_constraints(
     (TorchRec's stock offer without ``data_parallel``, see ``sharders.py``); requesting only the
     ``dense`` kernel asks for ``data_parallel``, the one type that runs it. Column-splitting
     types are left out of the default offer where the table would get one column shard: the
-    planner rates them equal to table_wise and then picks either, not reproducibly between processes, so the plan (and the
-    checkpoint layout) would change from run to run.
+    planner rates them equal to table_wise and picks either, not reproducibly between
+    processes, so the plan (and the checkpoint layout) would change from run to run.
 
     Raises:
         ValueError: a pattern that matches no table, or a sharding type / compute kernel the
