@@ -42,8 +42,21 @@ MEMONET_BUCKETS = 100_000  # per codebook, 3 codebooks (click, conversion, share
 def plan_64(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
     out = tmp_path_factory.mktemp("plan") / "plan64.json"
     code = plan_main(
-        ["--config", DTN_ALICCP, "--world-size", "64", "--hbm-gb", "80", "--table-scale", str(SCALE),
-         "--json", str(out), "--show-ranks", "4", ADAM]
+        [
+            "--config",
+            DTN_ALICCP,
+            "--world-size",
+            "64",
+            "--hbm-gb",
+            "80",
+            "--table-scale",
+            str(SCALE),
+            "--json",
+            str(out),
+            "--show-ranks",
+            "4",
+            ADAM,
+        ]
     )
     assert code == 0
     return json.loads(out.read_text())
@@ -92,7 +105,19 @@ def test_per_rank_memory_sums_match_the_table_sizes(plan_64: Dict[str, Any]) -> 
 def test_8_gpus_of_16_gb_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan8.json"
     code = plan_main(
-        ["--config", DTN_ALICCP, "--world-size", "8", "--hbm-gb", "16", "--table-scale", str(SCALE), "--json", str(out), ADAM]
+        [
+            "--config",
+            DTN_ALICCP,
+            "--world-size",
+            "8",
+            "--hbm-gb",
+            "16",
+            "--table-scale",
+            str(SCALE),
+            "--json",
+            str(out),
+            ADAM,
+        ]
     )
     assert code == 1
     err = capsys.readouterr().err.strip()
@@ -106,7 +131,9 @@ def test_8_gpus_of_16_gb_are_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_uvm_caching_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
-    code = plan_main(["--config", DTN_ALICCP, "--world-size", "2", "--compute-device", "cpu", "--uvm-caching"])
+    code = plan_main(
+        ["--config", DTN_ALICCP, "--world-size", "2", "--compute-device", "cpu", "--uvm-caching"]
+    )
     assert code == 1
     assert "--uvm-caching needs --compute-device cuda" in capsys.readouterr().err
 
@@ -126,7 +153,9 @@ ROWS, DIM = 1000, 16
 def _two_table_module(optimizer: str) -> EmbeddingBagCollection:
     ebc = EmbeddingBagCollection(
         tables=[
-            EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f{i}"])
+            EmbeddingBagConfig(
+                name=f"t{i}", embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f{i}"]
+            )
             for i in range(2)
         ],
         device=torch.device("meta"),
@@ -135,7 +164,13 @@ def _two_table_module(optimizer: str) -> EmbeddingBagCollection:
     return ebc
 
 
-def _plan(sharding_type: str, pooling: List[float], world: int = 4, local: int = 2, optimizer: str = "adagrad"):
+def _plan(
+    sharding_type: str,
+    pooling: List[float],
+    world: int = 4,
+    local: int = 2,
+    optimizer: str = "adagrad",
+):
     cluster = ClusterSpec(world_size=world, local_world_size=local, compute_device="cuda", hbm_gb=1)
     topology = cluster.topology()
     cfg = ShardingConfig(
@@ -146,7 +181,12 @@ def _plan(sharding_type: str, pooling: List[float], world: int = 4, local: int =
         storage_reservation=0.0,
     )
     planned = plan_sharding(
-        _two_table_module(optimizer), cfg, None, topology=topology, batch_size=BATCH, optimizer=optimizer
+        _two_table_module(optimizer),
+        cfg,
+        None,
+        topology=topology,
+        batch_size=BATCH,
+        optimizer=optimizer,
     )
     return topology, planned.options
 
@@ -172,7 +212,9 @@ def test_row_wise_output_is_a_reduce_scatter() -> None:
     topology, options = _plan("row_wise", [2.0, 2.0], world, 2)
     comms = estimate_comms(options, topology, BATCH, dense_params=0)
     assert comms.embeddings_fwd == pytest.approx(2 * (world - 1) * BATCH * DIM * 4)
-    assert comms.input_ids == pytest.approx(2 * BATCH * (8 * 2 * (world - 1) / world + 4 * (world - 1)))
+    assert comms.input_ids == pytest.approx(
+        2 * BATCH * (8 * 2 * (world - 1) / world + 4 * (world - 1))
+    )
     assert comms.dense_allreduce == 0
 
 
@@ -194,7 +236,11 @@ def test_no_plan_raises_with_advice() -> None:
     cfg = ShardingConfig(storage_reservation=0.0)
     with pytest.raises(PlanDoesNotFit, match="do not fit") as info:
         plan_sharding(
-            _two_table_module("adagrad"), cfg, None, topology=cluster.topology(), batch_size=BATCH,
+            _two_table_module("adagrad"),
+            cfg,
+            None,
+            topology=cluster.topology(),
+            batch_size=BATCH,
             optimizer="adagrad",
         )
     need = 2 * 2 * ROWS * DIM * 4  # weights + one Adagrad value per weight

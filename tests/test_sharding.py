@@ -157,11 +157,15 @@ def test_unconstrained_tables_are_never_offered_data_parallel(device: str) -> No
     assert offered == ["table_wise", "column_wise", "table_column_wise"]
     # Asking for data_parallel, or for its dense kernel, still gets it.
     asked = ShardingConfig(tables={"t_*": TableShardingConfig(["data_parallel", "table_wise"])})
-    assert "data_parallel" in table_constraints(tables, asked, "cpu")[bag_table(BAG_FEATURES[0])].sharding_types
+    assert (
+        "data_parallel"
+        in table_constraints(tables, asked, "cpu")[bag_table(BAG_FEATURES[0])].sharding_types
+    )
 
 
 @pytest.mark.parametrize(
-    "dim, min_partition, shards", [(16, None, 1), (64, None, 1), (256, None, 2), (16, 8, 2), (16, 4, 4), (18, 4, 1)]
+    "dim, min_partition, shards",
+    [(16, None, 1), (64, None, 1), (256, None, 2), (16, 8, 2), (16, 4, 4), (18, 4, 1)],
 )
 def test_column_shards_follow_torchrec(dim: int, min_partition: Optional[int], shards: int) -> None:
     from torchrec.distributed.sharding_plan import _get_block_size_for_cw_shard

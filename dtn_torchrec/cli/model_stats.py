@@ -38,7 +38,12 @@ def load_model_section(path: str) -> ModelConfig:
 
 def _table(rows: List[Dict[str, object]]) -> str:
     header = (
-        "config", "model", "embedding params", "dense params", "fwd MFLOP/sample", "fwd+bwd MFLOP/sample"
+        "config",
+        "model",
+        "embedding params",
+        "dense params",
+        "fwd MFLOP/sample",
+        "fwd+bwd MFLOP/sample",
     )
     body = [
         (
@@ -54,7 +59,10 @@ def _table(rows: List[Dict[str, object]]) -> str:
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     # text columns left-aligned, numbers right-aligned
     return "\n".join(
-        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths))
+        )
         for line in [header] + body
     )
 
@@ -65,14 +73,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Parameter counts (embedding vs dense) and dense FLOPs per sample of each model.",
     )
     parser.add_argument(
-        "--config", nargs="+", required=True, metavar="FILE", help="config file(s) with a model: section"
+        "--config",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="config file(s) with a model: section",
     )
     parser.add_argument(
         "--schema",
         metavar="DIR",
         help="dataset directory with schema.json (default: Ali-CCP reference table sizes)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="batch used to count FLOPs (default: 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="batch used to count FLOPs (default: 8)"
+    )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per line instead of a table"
     )

@@ -53,38 +53,78 @@ def _parser() -> argparse.ArgumentParser:
         description="Run TorchRec's sharding planner for a described cluster (no GPU needed) and "
         "report the plan, per-rank memory and all-to-all traffic.",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="run config (model, train, sharding)")
+    p.add_argument(
+        "--config", required=True, metavar="FILE", help="run config (model, train, sharding)"
+    )
     p.add_argument("--world-size", type=int, required=True, metavar="N", help="total ranks")
     p.add_argument(
-        "--local-world-size", type=int, metavar="N",
+        "--local-world-size",
+        type=int,
+        metavar="N",
         help=f"ranks per host (default: min({DEFAULT_LOCAL_WORLD_SIZE}, world size))",
     )
     p.add_argument("--compute-device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--hbm-gb", type=float, help="device memory per rank, GiB (default: sharding.hbm_cap_gb or 32)")
-    p.add_argument("--ddr-gb", type=float, help="host memory per rank, GiB (default: sharding.ddr_cap_gb or 128)")
     p.add_argument(
-        "--intra-host-bw", type=float, metavar="GB/S", help="bandwidth between ranks of a host (default 600)"
+        "--hbm-gb",
+        type=float,
+        help="device memory per rank, GiB (default: sharding.hbm_cap_gb or 32)",
     )
-    p.add_argument("--inter-host-bw", type=float, metavar="GB/S", help="bandwidth between hosts (default 12.5)")
-    p.add_argument("--hbm-bw", type=float, metavar="GB/S", help="device memory bandwidth (default 897)")
-    p.add_argument("--ddr-bw", type=float, metavar="GB/S", help="host memory bandwidth (default 51)")
-    p.add_argument("--batch-size", type=int, help="per-rank batch size (default: data.batch_size)")
-    p.add_argument("--table-scale", type=float, default=1.0, metavar="X", help="multiply every table's rows by X")
-    p.add_argument("--schema", metavar="DIR", help="dataset with schema.json (default: Ali-CCP reference sizes)")
     p.add_argument(
-        "--uvm-caching", action="store_true",
+        "--ddr-gb",
+        type=float,
+        help="host memory per rank, GiB (default: sharding.ddr_cap_gb or 128)",
+    )
+    p.add_argument(
+        "--intra-host-bw",
+        type=float,
+        metavar="GB/S",
+        help="bandwidth between ranks of a host (default 600)",
+    )
+    p.add_argument(
+        "--inter-host-bw", type=float, metavar="GB/S", help="bandwidth between hosts (default 12.5)"
+    )
+    p.add_argument(
+        "--hbm-bw", type=float, metavar="GB/S", help="device memory bandwidth (default 897)"
+    )
+    p.add_argument(
+        "--ddr-bw", type=float, metavar="GB/S", help="host memory bandwidth (default 51)"
+    )
+    p.add_argument("--batch-size", type=int, help="per-rank batch size (default: data.batch_size)")
+    p.add_argument(
+        "--table-scale",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="multiply every table's rows by X",
+    )
+    p.add_argument(
+        "--schema",
+        metavar="DIR",
+        help="dataset with schema.json (default: Ali-CCP reference sizes)",
+    )
+    p.add_argument(
+        "--uvm-caching",
+        action="store_true",
         help="allow tables in host memory with an HBM cache (fused_uvm_caching) where the config "
         "names no kernel (same as sharding.uvm_caching=true)",
     )
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
-    p.add_argument("--show-ranks", type=int, default=64, metavar="N",
-                   help="print every rank up to N ranks, else the N most loaded (default 64)")
     p.add_argument(
-        "--verbose", action="store_true",
+        "--show-ranks",
+        type=int,
+        default=64,
+        metavar="N",
+        help="print every rank up to N ranks, else the N most loaded (default 64)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
         help="also log the planner's own stats table and the library warnings known to be harmless",
     )
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value",
+        "overrides",
+        nargs="*",
+        metavar="key=value",
         help="config overrides, e.g. train.sparse_optimizer.name=adam",
     )
     return p
@@ -97,7 +137,9 @@ def scale_tables(schema: SchemaSpec, model: ModelConfig, scale: float) -> Schema
     for expert in model.expert_configs():
         if expert.kind == "memonet":
             expert.num_buckets = max(1, round(expert.num_buckets * scale))
-    fields = [replace(f, num_embeddings=max(1, round(f.num_embeddings * scale))) for f in schema.fields]
+    fields = [
+        replace(f, num_embeddings=max(1, round(f.num_embeddings * scale))) for f in schema.fields
+    ]
     return replace(schema, fields=fields)
 
 
@@ -108,7 +150,10 @@ def _gib(value: float) -> str:
 def _table(header: Sequence[str], rows: List[Sequence[str]], left: int = 1) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join(
-        "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        "  ".join(
+            str(c).ljust(w) if i < left else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        )
         for r in [header, *rows]
     )
 
@@ -121,7 +166,11 @@ def _layout(shards: List[Dict[str, Any]], sharding_type: str) -> str:
         return f"rank {s['rank']}"
     sizes = sorted({(s["sizes"][0], s["sizes"][1]) for s in shards})
     ranks = sorted(s["rank"] for s in shards)
-    span = f"ranks {ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else f"{len(ranks)} ranks"
+    span = (
+        f"ranks {ranks[0]}-{ranks[-1]}"
+        if ranks == list(range(ranks[0], ranks[-1] + 1))
+        else f"{len(ranks)} ranks"
+    )
     pieces = ", ".join(f"{r:,}x{c}" for r, c in sizes[:2]) + (" ..." if len(sizes) > 2 else "")
     return f"{len(shards)} shards of {pieces} on {span}"
 
@@ -140,8 +189,15 @@ def format_report(report: PlanReport, show_ranks: int) -> str:
         _table(
             ("table", "rows", "dim", "ids/row", "sharding", "kernel", "placement"),
             [
-                (t.name, f"{t.rows:,}", t.dim, f"{t.ids_per_row:g}", t.sharding_type, t.compute_kernel,
-                 _layout(t.shards, t.sharding_type))
+                (
+                    t.name,
+                    f"{t.rows:,}",
+                    t.dim,
+                    f"{t.ids_per_row:g}",
+                    t.sharding_type,
+                    t.compute_kernel,
+                    _layout(t.shards, t.sharding_type),
+                )
                 for t in report.tables
             ],
             left=1,
@@ -163,8 +219,16 @@ def format_report(report: PlanReport, show_ranks: int) -> str:
         _table(
             ("rank", "HBM", "DDR", "weights", "optimizer", "cache", "io", "tables"),
             [
-                (r.rank, _gib(r.hbm), _gib(r.ddr), _gib(r.weights), _gib(r.optimizer), _gib(r.cache),
-                 _gib(r.io), len(r.tables))
+                (
+                    r.rank,
+                    _gib(r.hbm),
+                    _gib(r.ddr),
+                    _gib(r.weights),
+                    _gib(r.optimizer),
+                    _gib(r.cache),
+                    _gib(r.io),
+                    len(r.tables),
+                )
                 for r in sorted(shown, key=lambda r: r.rank)
             ],
         ),
@@ -216,12 +280,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sharding = cfg.sharding
         cluster = ClusterSpec(
             world_size=args.world_size,
-            local_world_size=args.local_world_size or min(DEFAULT_LOCAL_WORLD_SIZE, args.world_size),
+            local_world_size=args.local_world_size
+            or min(DEFAULT_LOCAL_WORLD_SIZE, args.world_size),
             compute_device=args.compute_device,
             hbm_gb=args.hbm_gb if args.hbm_gb is not None else sharding.hbm_cap_gb,
             ddr_gb=args.ddr_gb if args.ddr_gb is not None else sharding.ddr_cap_gb,
-            intra_host_bw_gbps=args.intra_host_bw if args.intra_host_bw is not None else sharding.intra_host_bw_gbps,
-            inter_host_bw_gbps=args.inter_host_bw if args.inter_host_bw is not None else sharding.inter_host_bw_gbps,
+            intra_host_bw_gbps=args.intra_host_bw
+            if args.intra_host_bw is not None
+            else sharding.intra_host_bw_gbps,
+            inter_host_bw_gbps=args.inter_host_bw
+            if args.inter_host_bw is not None
+            else sharding.inter_host_bw_gbps,
             hbm_bw_gbps=args.hbm_bw,
             ddr_bw_gbps=args.ddr_bw,
         )
@@ -268,7 +337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "plan": plan_to_json(planned.plan),
             },
         )
-    print(f"fits: yes, every rank within its {'HBM' if args.compute_device == 'cuda' else 'host memory'}")
+    print(
+        f"fits: yes, every rank within its {'HBM' if args.compute_device == 'cuda' else 'host memory'}"
+    )
     return 0
 
 

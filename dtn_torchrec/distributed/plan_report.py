@@ -220,7 +220,9 @@ def _advice(
     return advice
 
 
-def _table_bytes(module: nn.Module, sharders: List[ModuleSharder[nn.Module]], optimizer: str) -> int:
+def _table_bytes(
+    module: nn.Module, sharders: List[ModuleSharder[nn.Module]], optimizer: str
+) -> int:
     """Weights plus fused optimiser state of every table the sharders handle, whatever the plan."""
     types = {sharder.module_type for sharder in sharders}
     total = 0
@@ -229,7 +231,9 @@ def _table_bytes(module: nn.Module, sharders: List[ModuleSharder[nn.Module]], op
             continue
         for param in sub.parameters():
             weights = param.numel() * param.element_size()
-            total += weights + math.ceil(weights * optimizer_state_multiplier(optimizer, int(param.shape[1])))
+            total += weights + math.ceil(
+                weights * optimizer_state_multiplier(optimizer, int(param.shape[1]))
+            )
     return total
 
 
@@ -261,7 +265,9 @@ def _weights_in_host_memory(option: ShardingOption, compute_device: str) -> bool
     return compute_device == "cpu" or option.compute_kernel in _HOST_MEMORY_KERNELS
 
 
-def rank_memory(options: List[ShardingOption], topology: Topology, optimizer: str) -> List[RankMemory]:
+def rank_memory(
+    options: List[ShardingOption], topology: Topology, optimizer: str
+) -> List[RankMemory]:
     """Sums the planner's shard storage estimates per rank and splits them (module docstring)."""
     ranks = [
         RankMemory(rank=r, hbm_capacity=d.storage.hbm, ddr_capacity=d.storage.ddr)
@@ -274,7 +280,9 @@ def rank_memory(options: List[ShardingOption], topology: Topology, optimizer: st
         cached = option.compute_kernel == EmbeddingComputeKernel.FUSED_UVM_CACHING.value
         for shard in option.shards:
             if shard.rank is None or shard.storage is None:
-                raise ValueError(f"table {option.name}: the planner left a shard without rank or storage")
+                raise ValueError(
+                    f"table {option.name}: the planner left a shard without rank or storage"
+                )
             memory = ranks[shard.rank]
             weights = math.prod(shard.size) * option.tensor.element_size()
             state = math.ceil(weights * multiplier)
@@ -377,19 +385,32 @@ def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: 
     intra = 1.0 - _off_host_share(world, local)
     sharding = option.sharding_type
     if sharding in (
-        ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value
+        ShardingType.TABLE_WISE.value,
+        ShardingType.COLUMN_WISE.value,
+        ShardingType.TABLE_COLUMN_WISE.value,
     ):
         copies = 1 if sharding == ShardingType.TABLE_WISE.value else len(option.shards)
         ids = copies * batch_size * (id_bytes * ids_per_row + _LENGTH_BYTES * features) * off_rank
         out = batch_size * out_per_row * off_rank
         return _Traffic(ids, out, ids * intra, out * intra)
     if sharding == ShardingType.ROW_WISE.value:
-        ids = batch_size * (id_bytes * ids_per_row * off_rank + _LENGTH_BYTES * features * (world - 1))
-        out = (world - 1) * batch_size * out_per_row if option.is_pooled else batch_size * out_per_row * off_rank
+        ids = batch_size * (
+            id_bytes * ids_per_row * off_rank + _LENGTH_BYTES * features * (world - 1)
+        )
+        out = (
+            (world - 1) * batch_size * out_per_row
+            if option.is_pooled
+            else batch_size * out_per_row * off_rank
+        )
         return _Traffic(ids, out, ids * intra, out * intra)
     if sharding in (ShardingType.TABLE_ROW_WISE.value, ShardingType.GRID_SHARD.value):
         column_groups = len({tuple(s.offset[1:]) for s in option.shards})
-        ids = column_groups * batch_size * (id_bytes * ids_per_row + _LENGTH_BYTES * features * local) * off_rank
+        ids = (
+            column_groups
+            * batch_size
+            * (id_bytes * ids_per_row + _LENGTH_BYTES * features * local)
+            * off_rank
+        )
         out_intra = (local - 1) * batch_size * out_per_row
         out = out_intra + batch_size * out_per_row * (world - local) / world
         return _Traffic(ids, out, ids * intra, out_intra)
@@ -422,10 +443,14 @@ def estimate_comms(
         estimate.embeddings_fwd += traffic.out
         estimate.gradients_bwd += traffic.out
         estimate.intra_host += traffic.ids_intra + 2 * traffic.out_intra
-        estimate.inter_host += traffic.ids - traffic.ids_intra + 2 * (traffic.out - traffic.out_intra)
+        estimate.inter_host += (
+            traffic.ids - traffic.ids_intra + 2 * (traffic.out - traffic.out_intra)
+        )
     # Ring all-reduce: each rank sends 2 (W-1)/W of the gradient bytes; the ring crosses hosts
     # when there is more than one, so its slowest link sets the pace.
-    allreduce = 2.0 * (world - 1) / world * (dense_params + dp_params) * _OUTPUT_BYTES if world > 1 else 0.0
+    allreduce = (
+        2.0 * (world - 1) / world * (dense_params + dp_params) * _OUTPUT_BYTES if world > 1 else 0.0
+    )
     estimate.dense_allreduce = allreduce
     if world > local:
         estimate.inter_host += allreduce
