@@ -1,6 +1,7 @@
 """``dtn-model-stats``: parameter counts and dense FLOPs per sample of configured models.
 
-    dtn-model-stats --config configs/dtn_aliccp.yaml configs/mmoe_aliccp.yaml [--schema DIR] [--json]
+    dtn-model-stats --config configs/dtn_aliccp.yaml configs/mmoe_aliccp.yaml \
+        [--schema DIR] [--json]
 
 Without ``--schema`` the tables take the Ali-CCP reference sizes, so no dataset is needed.
 """
@@ -70,7 +71,8 @@ def _table(rows: List[Dict[str, object]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dtn-model-stats",
-        description="Parameter counts (embedding vs dense) and dense FLOPs per sample of each model.",
+        description="Parameter counts (embedding vs dense) and dense FLOPs per sample of each "
+        "model.",
     )
     parser.add_argument(
         "--config",

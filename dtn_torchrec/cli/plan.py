@@ -1,7 +1,8 @@
 """``dtn-plan``: TorchRec's sharding plan for a described cluster, without the cluster.
 
     dtn-plan --config configs/dtn_aliccp.yaml --world-size 64 --hbm-gb 80 --table-scale 1000
-    dtn-plan --config configs/dtn_aliccp.yaml --world-size 8 --hbm-gb 16 --table-scale 1000  # refused
+    dtn-plan --config configs/dtn_aliccp.yaml --world-size 8 --hbm-gb 16 \
+        --table-scale 1000  # refused
 
 The model is built on the ``meta`` device (no table is allocated, so tables of 10^10 rows are
 fine), its sparse optimiser is applied so the planner counts the optimiser state, and
@@ -131,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def scale_tables(schema: SchemaSpec, model: ModelConfig, scale: float) -> SchemaSpec:
-    """Multiplies every field table's rows (and MemoNet codebook rows, in ``model``) by ``scale``."""
+    """Multiplies every field table's rows (and MemoNet codebook rows, in ``model``) by
+    ``scale``."""
     if scale <= 0:
         raise ValueError(f"--table-scale must be positive, got {scale}")
     for expert in model.expert_configs():
@@ -179,7 +181,8 @@ def format_report(report: PlanReport, show_ranks: int) -> str:
     """The plan, per-rank memory and traffic as text tables."""
     c = report.cluster
     lines = [
-        f"cluster: {c['world_size']} ranks ({c['local_world_size']} per host), {c['compute_device']}; "
+        f"cluster: {c['world_size']} ranks ({c['local_world_size']} per host), "
+        f"{c['compute_device']}; "
         f"per-rank batch {report.batch_size}; sparse optimizer {report.optimizer}; "
         f"storage reservation {report.storage_reservation:.0%}",
         f"tables: {len(report.tables)}, {sum(t.rows for t in report.tables):,} rows, "
@@ -232,7 +235,8 @@ def format_report(report: PlanReport, show_ranks: int) -> str:
                 for r in sorted(shown, key=lambda r: r.rank)
             ],
         ),
-        f"{'HBM' if on_gpu else 'DDR'} used per rank: min {_gib(min(used))}, mean {_gib(sum(used) / len(used))}, "
+        f"{'HBM' if on_gpu else 'DDR'} used per rank: min {_gib(min(used))}, "
+        f"mean {_gib(sum(used) / len(used))}, "
         f"max {_gib(max(used))} of {_gib(capacity)} GiB "
         f"({_gib(report.usable_bytes)} usable for tables"
         f"{' after the dense model, batches and the reserve' if on_gpu else ''})",
@@ -248,7 +252,8 @@ def format_report(report: PlanReport, show_ranks: int) -> str:
         f"  dense all-reduce       {cm.dense_allreduce / mb:12,.2f} MB",
         f"  total {cm.total / mb:,.2f} MB (intra-host {cm.intra_host / mb:,.2f}, "
         f"inter-host {cm.inter_host / mb:,.2f}): "
-        f"~{cm.seconds * 1e3:,.2f} ms at the given bandwidths; planner's comms estimate, busiest rank: "
+        f"~{cm.seconds * 1e3:,.2f} ms at the given bandwidths; "
+        "planner's comms estimate, busiest rank: "
         f"{cm.planner_comms_ms_max:,.3f} ms",
     ]
     return "\n".join(lines)
@@ -337,9 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "plan": plan_to_json(planned.plan),
             },
         )
-    print(
-        f"fits: yes, every rank within its {'HBM' if args.compute_device == 'cuda' else 'host memory'}"
-    )
+    memory = "HBM" if args.compute_device == "cuda" else "host memory"
+    print(f"fits: yes, every rank within its {memory}")
     return 0
 
 

@@ -70,7 +70,8 @@ def optimizer_state_multiplier(optimizer: str, embedding_dim: int) -> float:
         return 1.0 / embedding_dim
     if optimizer not in _STATE_PER_WEIGHT:
         raise ValueError(
-            f"unknown sparse optimizer {optimizer!r}; known: {sorted(_STATE_PER_WEIGHT) + [ROWWISE_ADAGRAD]}"
+            f"unknown sparse optimizer {optimizer!r}; known:"
+            f" {sorted(_STATE_PER_WEIGHT) + [ROWWISE_ADAGRAD]}"
         )
     return _STATE_PER_WEIGHT[optimizer]
 
@@ -187,7 +188,10 @@ def _advice(
     storage_reservation = cfg.storage_reservation if on_gpu else 0.0
     if error.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
         first = str(error).strip().splitlines()[0]
-        return f"the planner found no plan under the sharding constraints ({first}); relax sharding.tables"
+        return (
+            f"the planner found no plan under the sharding constraints ({first});"
+            " relax sharding.tables"
+        )
     need = _table_bytes(module, sharders, optimizer)
     world = topology.world_size
     device = topology.devices[0].storage
@@ -197,7 +201,8 @@ def _advice(
     min_per_rank = need / world / (1.0 - storage_reservation)
     advice = (
         f"the embedding tables do not fit: weights + {optimizer} state need {need / GIB:,.1f} GiB,"
-        f" {world} ranks x {per_rank / GIB:,.1f} GiB usable {memory} hold {world * per_rank / GIB:,.1f} GiB;"
+        f" {world} ranks x {per_rank / GIB:,.1f} GiB usable {memory} hold"
+        f" {world * per_rank / GIB:,.1f} GiB;"
         f" add ranks (at least {min_ranks:,} of this size) or {memory} (at least"
         f" {min_per_rank / GIB:,.1f} GiB per rank on {world})"
     )
