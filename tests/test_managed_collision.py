@@ -347,3 +347,12 @@ def test_two_ranks_resume_and_reshard_to_one_exactly(tmp_path: Path) -> None:
     torch.testing.assert_close(one["logits"], two, rtol=0, atol=1e-6)
     # Sharded and unsharded models with the same remapping state agree.
     torch.testing.assert_close(one["unsharded"], one["logits"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_rank_remapping_refused_on_two_ranks(tmp_path: Path) -> None:
+    """Rows are owned per rank's id range, so a 1-rank remapping cannot be split (TorchRec's
+    load hook refuses it)."""
+    run_on_ranks(_run, 1, directory=str(tmp_path), save_at=3, load=False, steps=3)
+    with pytest.raises(AssertionError, match=r"shard within range \[0, 8\] cannot be built"):
+        run_on_ranks(_run, 2, directory=str(tmp_path), save_at=3, load=True, steps=3)

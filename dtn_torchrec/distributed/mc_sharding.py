@@ -32,7 +32,13 @@ _CPU = "cpu"
 
 
 class ShardedMchBags(ShardedManagedCollisionEmbeddingBagCollection):
-    """The sharded MC-EBC whose evictions reset rows and optimiser state on any device."""
+    """The sharded MC-EBC whose evictions reset rows and optimiser state on any device.
+
+    A remapping written by N ranks loads on M ranks when M divides N (each rank's id range and
+    rows are unions of the writers'); on other world sizes TorchRec's load hook
+    (``MCHManagedCollisionModule.validate_state``) refuses it: "shard within range [a, b] cannot
+    be built out of segements ...".
+    """
 
     def _evict(self, evictions_per_table: Dict[str, Optional[torch.Tensor]]) -> None:
         """Args: evictions_per_table: table -> local rows ``[K]`` given to new ids, or None."""
