@@ -34,28 +34,14 @@ from benchmarks.common import (
     timed_windows,
 )
 from benchmarks.conditions import is_contended
+from benchmarks.reference import without_fusion
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.models.builder import build_train_model
-from dtn_torchrec.models.multitask import DTN, MMoE
-from dtn_torchrec.models.multitask.expert_group import ExpertGroup
 from dtn_torchrec.models.stats import aliccp_reference_schema, model_stats
 from dtn_torchrec.train.config import load_run_config
 
 VARIANTS = ("fp32-loop", "fp32-fused", "bf16-fused", "bf16-fused-compiled")
-
-
-def without_fusion(dense: nn.Module) -> nn.Module:
-    """A copy of the dense arch that runs its experts, gates and towers module by module."""
-    loop = copy.deepcopy(dense)
-    for sub in loop.modules():
-        if isinstance(sub, ExpertGroup):
-            sub._fused = None
-        if isinstance(sub, MMoE):
-            sub._fused_heads = False
-        if isinstance(sub, DTN):
-            sub._fused_positions = [None] * len(sub._fused_positions)
-    return loop
 
 
 def random_batches(schema: SchemaSpec, batch_size: int, count: int, seed: int = 0) -> List[Any]:
@@ -106,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for variant in variants:
         model = copy.deepcopy(base)
         if variant == "fp32-loop":
-            model.model.dense_arch = without_fusion(model.model.dense_arch)
+            without_fusion(model.model.dense_arch)
         if variant.startswith("bf16"):
             model.model.set_dense_precision("bf16", "cpu")
         if variant.endswith("compiled"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import replace
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from dtn_torchrec.distributed.build import build_sharded_model
 from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
 from dtn_torchrec.distributed.planning import plan_to_json
 from dtn_torchrec.models.builder import build_train_model
+from dtn_torchrec.models.multitask.precision import configure_dense_arch
 
 _PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
@@ -61,13 +62,22 @@ def endless(reader: ParquetBatchReader) -> Iterator[Batch]:
         yield from reader
 
 
-def ours_rank(run: TrainRun) -> Dict[str, Any]:
-    """One rank of our path: build, shard, then time ``run.timing`` windows of pipelined steps."""
-    start = time.perf_counter()
+class OursStep(NamedTuple):
+    """One pipelined training step of our path (returns the samples it trained) and the
+    sharding type of every table."""
+
+    step: Callable[[], int]
+    sharding: Dict[str, str]
+
+
+def ours_step(run: TrainRun) -> OursStep:
+    """Builds our path for ``run`` on this rank, as ``dtn-train`` does (dense precision and
+    compile from ``train.*``)."""
     cfg, schema = run.load()
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
     model = build_train_model(cfg.model, schema, device=torch.device("meta"))
+    configure_dense_arch(model.model, cfg.train.precision, cfg.train.compile, device)
     model = with_table_precision(model, run.table_precision)
     apply_sparse_optimizer(model, cfg.train.sparse_optimizer)
     sharding: ShardingConfig = cfg.sharding
@@ -91,14 +101,20 @@ def ours_rank(run: TrainRun) -> Dict[str, Any]:
         prefetch_batches=cfg.data.prefetch_batches,
     )
     batches = endless(reader)
-    setup_s = time.perf_counter() - start
 
     def step() -> int:
         _, _, labels = pipeline.progress(batches)
         return int(labels.shape[0])
 
-    rates = timed_windows(step, run.timing)
     shardings = {
         table: info["sharding_type"] for tables in plan_to_json(plan).values() for table, info in tables.items()
     }
-    return rank_record(rates, setup_s, sharding=shardings)
+    return OursStep(step, shardings)
+
+
+def ours_rank(run: TrainRun) -> Dict[str, Any]:
+    """One rank of our path: build, shard, then time ``run.timing`` windows of pipelined steps."""
+    start = time.perf_counter()
+    ours = ours_step(run)
+    setup_s = time.perf_counter() - start
+    return rank_record(timed_windows(ours.step, run.timing), setup_s, sharding=ours.sharding)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import replace
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,6 +35,8 @@ from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.models.config import ModelConfig
+from dtn_torchrec.models.multitask import DTN, MMoE
+from dtn_torchrec.models.multitask.expert_group import ExpertGroup
 
 
 class PlainEmbeddingBags(nn.Module):
@@ -92,8 +94,22 @@ class PlainEmbeddings(nn.Module):
         }
 
 
+def without_fusion(dense: nn.Module) -> nn.Module:
+    """``dense`` (in place) computing its experts, gates and towers module by module, in a
+    Python loop, as the PyTorch libraries do (``models/multitask/fused.py`` off)."""
+    for sub in dense.modules():
+        if isinstance(sub, ExpertGroup):
+            sub._fused = None
+        if isinstance(sub, MMoE):
+            sub._fused_heads = False
+        if isinstance(sub, DTN):
+            sub._fused_positions = [None] * len(sub._fused_positions)
+    return dense
+
+
 def reference_model(model_config: ModelConfig, schema: SchemaSpec) -> nn.Module:
-    """The train wrapper of ``model_config`` on CPU with plain embedding tables.
+    """The train wrapper of ``model_config`` on CPU with plain embedding tables, fp32, its
+    dense part module by module (:func:`without_fusion`).
 
     The TorchRec tables are never allocated: the dense part is built on CPU over a schema of
     2-row tables, and every EBC / EC is then replaced by a plain twin sized from a ``meta``
@@ -102,6 +118,7 @@ def reference_model(model_config: ModelConfig, schema: SchemaSpec) -> nn.Module:
     sized = build_train_model(model_config, schema, device=torch.device("meta"))
     tiny = replace(schema, fields=[replace(f, num_embeddings=min(f.num_embeddings, 2)) for f in schema.fields])
     model = build_train_model(model_config, tiny, device=torch.device("cpu"))
+    without_fusion(model.model.dense_arch)
     for path, sub in sized.named_modules():
         if isinstance(sub, EmbeddingBagCollection):
             model.set_submodule(path, PlainEmbeddingBags(sub))
@@ -208,13 +225,19 @@ class ReferenceTrainer:
         return batch.batch_size
 
 
-def reference_rank(run: TrainRun, workers: int = 0) -> Dict[str, Any]:
-    """One rank of the reference: build, load the data, then time ``run.timing`` windows."""
-    start = time.perf_counter()
+def reference_step(run: TrainRun, workers: int = 0) -> Callable[[], int]:
+    """Builds the reference for ``run`` on this rank; returns one training step (returns the
+    samples it trained)."""
     cfg, schema = run.load()
     torch.manual_seed(cfg.seed)
     trainer = ReferenceTrainer(reference_model(cfg.model, schema), lr=cfg.train.dense_optimizer.lr)
     batches = reference_batches(run.data, schema, "train", run.batch_size, seed=cfg.seed, workers=workers)
+    return lambda: trainer.step(next(batches))
+
+
+def reference_rank(run: TrainRun, workers: int = 0) -> Dict[str, Any]:
+    """One rank of the reference: build, load the data, then time ``run.timing`` windows."""
+    start = time.perf_counter()
+    step = reference_step(run, workers)
     setup_s = time.perf_counter() - start
-    rates = timed_windows(lambda: trainer.step(next(batches)), run.timing)
-    return rank_record(rates, setup_s)
+    return rank_record(timed_windows(step, run.timing), setup_s)
