@@ -16,7 +16,8 @@ fused row-wise Adagrad):
 * ``vocab``: a full pass over the training stream gives every id its own row (the upper bound;
   10x the table memory), unseen test ids row 0;
 * ``hash``: ``1 + id mod (rows - 1)`` (``dtn-prepare --id-mapping hash``), ``rows`` rows;
-* ``mch``: raw ids, a managed-collision table of ``rows`` rows (LRU, ``--eviction-interval``).
+* ``mch``: raw ids, a managed-collision table of ``rows`` rows (``--eviction`` LFU, every
+  ``--eviction-interval`` steps).
 
 Reported per mapping: test AUC per task, the share of test lookups that hit a row owned by
 another id (hash: a row some other training id also maps to; mch: the shared row of ids
@@ -70,8 +71,8 @@ class TrainSpec:
 
     batch_size: int = 256
     embedding_dim: int = 8
-    eviction: str = "lru"
-    eviction_interval: int = 20
+    eviction: str = "lfu"
+    eviction_interval: int = 5
     sparse_lr: float = 0.05
     dense_lr: float = 0.003
 
