@@ -91,7 +91,7 @@ class EmbeddingConfig:
         input_norm (str): ``"affine"``: the reference's inference-mode BatchNorm, a learnable
             per-dim ``x * gamma / sqrt(1 + 1e-3) + beta`` over ``F*D``; ``"none"``: identity.
         tables (Dict[str, FieldTableConfig]): per-field table options keyed by field name or
-            glob pattern, e.g. ``{"*": {collision: mch, size: 100000, eviction: lru}}``
+            glob pattern, e.g. ``{"*": {collision: mch, size: 100000, eviction: lfu}}``
             (managed-collision tables, see ``managed_collision.py``). Default: none.
     """
 

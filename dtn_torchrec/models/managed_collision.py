@@ -54,14 +54,15 @@ class FieldTableConfig:
             ``hash`` datasets); ``"mch"``: a managed-collision table of ``size`` rows that
             remaps any id (needed for ``--id-mapping raw`` datasets).
         size (int): rows of an ``mch`` table (its last row is shared by ids without a row).
-        eviction (str): ``"lru"`` or ``"lfu"``: which ids keep their rows at an eviction.
+        eviction (str): ``"lfu"`` (default; keeps the popular head, best in
+            ``benchmarks.id_mapping``) or ``"lru"``: which ids keep their rows at an eviction.
         eviction_interval (int): training steps between evictions (new ids are admitted only
             then; until the first one every id uses the shared row).
     """
 
     collision: str = "none"
     size: int = 0
-    eviction: str = "lru"
+    eviction: str = "lfu"
     eviction_interval: int = 100
 
     def __post_init__(self) -> None:
