@@ -15,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import itertools
+import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -108,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return batch_size
 
         times = timed_windows(step, timing)
-        rate = sorted(times.rates)[len(times.rates) // 2]
+        rate = statistics.median(times.rates)
         results.append({
             "variant": variant, "samples_per_s": rate, "windows": times.rates,
             "other_cpu_cores": times.other_cpu_cores, "contended": is_contended(times.other_cpu_cores),

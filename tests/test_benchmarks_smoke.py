@@ -289,3 +289,18 @@ def test_mmoe_libraries_smoke_runs_dtn_train(tmp_path: Path) -> None:
     assert summary["config"]["model"]["mmoe"]["num_experts"] == 4
     assert result["contended"] == (result["other_cpu_cores_during_run"] > CONTENDED_CORES
                                    or any(p["contended"] for p in result["roofline"]["gemm_windows"].values()))
+
+
+@pytest.mark.slow
+def test_dense_step_smoke_times_every_variant(tmp_path: Path) -> None:
+    from benchmarks.dense_step import main as dense_step_main
+
+    out = tmp_path / "dense.json"
+    variants = ["fp32-loop", "fp32-fused", "bf16-fused"]
+    dense_step_main(["--config", str(REPO / "configs" / "mmoe_demo.yaml"), "--smoke", "--batch-size", "64",
+                     "--threads", "1", "--windows", "2", "--variants", ",".join(variants), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["results"]] == variants
+    for r in result["results"]:
+        assert len(r["windows"]) == 2 and r["samples_per_s"] > 0
+        assert r["dense_flops_per_s"] == pytest.approx(3 * result["forward_flops_per_sample"] * r["samples_per_s"])
