@@ -11,9 +11,9 @@ STAMP := $(VENV)/.setup-done
 TORCH_PKGS := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 TORCHREC_PKG := torchrec==1.8.0
 TORCHREC_DEPS := tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath
-PROJECT_DEPS := numpy pyarrow pyyaml torchx==0.7.0 tensorboard matplotlib psutil pytest pytest-timeout
+PROJECT_DEPS := numpy pyarrow pyyaml torchx==0.7.0 tensorboard matplotlib psutil pytest pytest-timeout ruff==0.17.6
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup lint test test-fast demo clean
 
 setup: $(STAMP)
 
@@ -27,12 +27,17 @@ $(STAMP): pyproject.toml Makefile
 	$(VPY) -c "import torch, torchrec, fbgemm_gpu, pyarrow, torchx; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 
+# Formatting and lint (ruff settings in pyproject.toml); part of every test run.
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
 # Full suite, slow multi-process tests included (what CI runs).
-test: setup
+test: lint
 	$(VPY) -m pytest -q tests
 
 # Fast subset for development.
-test-fast: setup
+test-fast: lint
 	$(VPY) -m pytest -q -m "not slow" tests
 
 demo: setup

@@ -151,7 +151,8 @@ class TrainRun:
     def load(self) -> Tuple[RunConfig, SchemaSpec]:
         """The run config (data path and batch size applied) and the dataset's schema."""
         cfg = load_run_config(
-            self.config, [*self.overrides, f"data.path={self.data}", f"data.batch_size={self.batch_size}"]
+            self.config,
+            [*self.overrides, f"data.path={self.data}", f"data.batch_size={self.batch_size}"],
         )
         return cfg, SchemaSpec.load(self.data)
 
@@ -183,8 +184,15 @@ def _free_port() -> int:
 
 
 def _rank_main(
-    fn: Callable[..., Any], rank: int, world_size: int, port: int, threads: int, quiet: bool, out_dir: str,
-    root_pid: int, kwargs: Dict[str, Any],
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    threads: int,
+    quiet: bool,
+    out_dir: str,
+    root_pid: int,
+    kwargs: Dict[str, Any],
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -237,8 +245,10 @@ def run_ranks(
     out_dir = tempfile.mkdtemp(prefix="dtn_bench_")
     port = _free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, threads, quiet, out_dir, os.getpid(),
-                                                kwargs))
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, rank, world_size, port, threads, quiet, out_dir, os.getpid(), kwargs),
+        )
         for rank in range(world_size)
     ]
     try:
@@ -252,10 +262,14 @@ def run_ranks(
             raise RuntimeError(f"{fn.__name__} failed on a rank:\n" + errors[0].read_text())
         for rank, p in enumerate(procs):
             if p.is_alive():
-                raise RuntimeError(f"{fn.__name__}: rank {rank} still running after {timeout_s:.0f} s")
+                raise RuntimeError(
+                    f"{fn.__name__}: rank {rank} still running after {timeout_s:.0f} s"
+                )
             if p.exitcode != 0:
                 raise RuntimeError(f"{fn.__name__}: rank {rank} exited with code {p.exitcode}")
-        return [json.loads(Path(out_dir, f"result_{r}.json").read_text()) for r in range(world_size)]
+        return [
+            json.loads(Path(out_dir, f"result_{r}.json").read_text()) for r in range(world_size)
+        ]
     finally:
         for p in procs:
             if p.is_alive():
@@ -427,15 +441,26 @@ def add_timing_arguments(
     parser: argparse.ArgumentParser, warmup: int, window_seconds: float, windows: int
 ) -> None:
     """``--warmup``, ``--window-seconds``, ``--windows`` and ``--strict``."""
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps before the windows")
-    parser.add_argument("--window-seconds", type=float, default=window_seconds,
-                        help="length of each timed window in seconds (whole steps)")
-    parser.add_argument("--windows", type=int, default=windows,
-                        help="timed windows (median reported, min-max shown)")
     parser.add_argument(
-        "--strict", action="store_true",
+        "--warmup", type=int, default=warmup, help="untimed steps before the windows"
+    )
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=window_seconds,
+        help="length of each timed window in seconds (whole steps)",
+    )
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=windows,
+        help="timed windows (median reported, min-max shown)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
         help=f"refuse to start when other processes use more than {CONTENDED_CORES:g} of a core, "
-             "and exit with status 3 when any timed window was contended",
+        "and exit with status 3 when any timed window was contended",
     )
 
 
@@ -454,6 +479,9 @@ def refuse_if_busy(strict: bool) -> float:
 def strict_status(contended: bool, strict: bool) -> int:
     """The exit status of a finished run: 3 when ``strict`` and any window was contended."""
     if contended:
-        print(f"[bench] CONTENDED: other processes used more than {CONTENDED_CORES:g} of a core "
-              "during a timed window; these figures are not publishable", file=sys.stderr)
+        print(
+            f"[bench] CONTENDED: other processes used more than {CONTENDED_CORES:g} of a core "
+            "during a timed window; these figures are not publishable",
+            file=sys.stderr,
+        )
     return 3 if contended and strict else 0

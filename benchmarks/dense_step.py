@@ -20,7 +20,6 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks.common import (
@@ -52,11 +51,18 @@ def random_batches(schema: SchemaSpec, batch_size: int, count: int, seed: int = 
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        values = torch.cat([torch.randint(1, f.num_embeddings, (batch_size,), generator=g) for f in schema.fields])
-        kjt = KeyedJaggedTensor(keys=schema.field_names, values=values,
-                                lengths=torch.ones(batch_size * len(schema.fields), dtype=torch.int32))
+        values = torch.cat(
+            [torch.randint(1, f.num_embeddings, (batch_size,), generator=g) for f in schema.fields]
+        )
+        kjt = KeyedJaggedTensor(
+            keys=schema.field_names,
+            values=values,
+            lengths=torch.ones(batch_size * len(schema.fields), dtype=torch.int32),
+        )
         labels = torch.randint(0, 2, (batch_size, len(schema.labels)), generator=g).float()
-        batches.append(Batch(sparse_features=kjt, labels=labels, sample_ids=torch.arange(batch_size)))
+        batches.append(
+            Batch(sparse_features=kjt, labels=labels, sample_ids=torch.arange(batch_size))
+        )
     return batches
 
 
@@ -73,7 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     if any(v not in VARIANTS for v in variants):
-        raise SystemExit(f"--variants: expected a subset of {list(VARIANTS)}, got {args.variants!r}")
+        raise SystemExit(
+            f"--variants: expected a subset of {list(VARIANTS)}, got {args.variants!r}"
+        )
     timing = WindowSpec(args.warmup, 0.05 if args.smoke else args.window_seconds, args.windows)
     idle_probe = refuse_if_busy(args.strict)
 
@@ -85,7 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     forward_flops = model_stats(cfg.model, schema).forward_flops_per_sample
     batches = random_batches(schema, batch_size, 4)
-    roofline = measure_roofline(*((256, 16 * 2**20, 0.1) if args.smoke else (2048, 256 * 2**20, 2.0)))
+    roofline = measure_roofline(
+        *((256, 16 * 2**20, 0.1) if args.smoke else (2048, 256 * 2**20, 2.0))
+    )
 
     torch.manual_seed(cfg.seed)
     base = build_train_model(cfg.model, schema, device=torch.device("cpu"))
@@ -110,31 +120,64 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         times = timed_windows(step, timing)
         rate = statistics.median(times.rates)
-        results.append({
-            "variant": variant, "samples_per_s": rate, "windows": times.rates,
-            "other_cpu_cores": times.other_cpu_cores, "contended": is_contended(times.other_cpu_cores),
-            "dense_flops_per_s": 3 * forward_flops * rate,
-        })
+        results.append(
+            {
+                "variant": variant,
+                "samples_per_s": rate,
+                "windows": times.rates,
+                "other_cpu_cores": times.other_cpu_cores,
+                "contended": is_contended(times.other_cpu_cores),
+                "dense_flops_per_s": 3 * forward_flops * rate,
+            }
+        )
         print(f"[dense_step] {variant}: {rate:,.0f} samples/s", file=sys.stderr, flush=True)
 
-    print(f"dense forward {forward_flops / 1e6:,.2f} MFLOP/sample, batch {batch_size}, {args.threads} threads; "
-          f"GEMM peak fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, bf16 {roofline.gemm_peak_bf16_flops / 1e9:,.1f} "
-          f"GFLOP/s ({contention_mark(roofline.contended)})")
-    print(format_table(
-        ("variant", "samples/s", "(min-max)", "dense GFLOP/s", "x fp32 peak", "x bf16 peak", "conditions"),
-        [(r["variant"], f"{r['samples_per_s']:,.0f}", f"{min(r['windows']):,.0f}-{max(r['windows']):,.0f}",
-          f"{r['dense_flops_per_s'] / 1e9:,.1f}", f"{r['dense_flops_per_s'] / roofline.gemm_peak_flops:.2f}",
-          f"{r['dense_flops_per_s'] / roofline.gemm_peak_bf16_flops:.2f}", contention_mark(r["contended"]))
-         for r in results],
-    ))
+    print(
+        f"dense forward {forward_flops / 1e6:,.2f} MFLOP/sample, batch {batch_size}, {args.threads} threads; "
+        f"GEMM peak fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, bf16 {roofline.gemm_peak_bf16_flops / 1e9:,.1f} "
+        f"GFLOP/s ({contention_mark(roofline.contended)})"
+    )
+    print(
+        format_table(
+            (
+                "variant",
+                "samples/s",
+                "(min-max)",
+                "dense GFLOP/s",
+                "x fp32 peak",
+                "x bf16 peak",
+                "conditions",
+            ),
+            [
+                (
+                    r["variant"],
+                    f"{r['samples_per_s']:,.0f}",
+                    f"{min(r['windows']):,.0f}-{max(r['windows']):,.0f}",
+                    f"{r['dense_flops_per_s'] / 1e9:,.1f}",
+                    f"{r['dense_flops_per_s'] / roofline.gemm_peak_flops:.2f}",
+                    f"{r['dense_flops_per_s'] / roofline.gemm_peak_bf16_flops:.2f}",
+                    contention_mark(r["contended"]),
+                )
+                for r in results
+            ],
+        )
+    )
     contended = roofline.contended or any(r["contended"] for r in results)
     if args.out:
-        write_json_atomic(args.out, {
-            "benchmark": "dense_step", "machine": machine_info(), "args": vars(args),
-            "forward_flops_per_sample": forward_flops, "batch_size": batch_size,
-            "roofline": dataclasses.asdict(roofline), "idle_probe_other_cpu_cores": idle_probe,
-            "contended": contended, "results": results,
-        })
+        write_json_atomic(
+            args.out,
+            {
+                "benchmark": "dense_step",
+                "machine": machine_info(),
+                "args": vars(args),
+                "forward_flops_per_sample": forward_flops,
+                "batch_size": batch_size,
+                "roofline": dataclasses.asdict(roofline),
+                "idle_probe_other_cpu_cores": idle_probe,
+                "contended": contended,
+                "results": results,
+            },
+        )
     return strict_status(contended, args.strict)
 
 

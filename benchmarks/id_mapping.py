@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -290,16 +289,21 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench/id_mapping.json", help="JSON report path")
     parser.add_argument("--fields", type=int, default=StreamSpec.fields)
-    parser.add_argument("--rows", type=int, default=StreamSpec.rows,
-                        help="table rows per field for hash and mch")
-    parser.add_argument("--id-ratio", type=int, default=StreamSpec.id_ratio,
-                        help="distinct ids per field / rows")
+    parser.add_argument(
+        "--rows", type=int, default=StreamSpec.rows, help="table rows per field for hash and mch"
+    )
+    parser.add_argument(
+        "--id-ratio", type=int, default=StreamSpec.id_ratio, help="distinct ids per field / rows"
+    )
     parser.add_argument("--days", type=int, default=StreamSpec.days)
     parser.add_argument("--rows-per-day", type=int, default=StreamSpec.rows_per_day)
     parser.add_argument("--eviction", choices=("lru", "lfu"), default=TrainSpec.eviction)
     parser.add_argument("--eviction-interval", type=int, default=TrainSpec.eviction_interval)
-    parser.add_argument("--mappings", default=",".join(MAPPINGS),
-                        help="comma-separated subset of vocab,hash,mch (targets need all three)")
+    parser.add_argument(
+        "--mappings",
+        default=",".join(MAPPINGS),
+        help="comma-separated subset of vocab,hash,mch (targets need all three)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the process")
     args = parser.parse_args(argv)
     stream = StreamSpec(args.fields, args.rows, args.id_ratio, args.days, args.rows_per_day)
@@ -310,8 +314,15 @@ def main(argv: List[str] | None = None) -> int:
         parser.error(f"--mappings: unknown {unknown}; known: {list(MAPPINGS)}")
     results = []
     for mapping in mappings:
-        (record,) = run_ranks(mapping_rank, 1, args.threads, timeout_s=1800.0,
-                              mapping=mapping, stream=stream, train=train)
+        (record,) = run_ranks(
+            mapping_rank,
+            1,
+            args.threads,
+            timeout_s=1800.0,
+            mapping=mapping,
+            stream=stream,
+            train=train,
+        )
         results.append(record)
         print(f"[bench] {mapping}: {record}", file=sys.stderr)
     by = {r["mapping"]: r for r in results}
@@ -330,25 +341,40 @@ def main(argv: List[str] | None = None) -> int:
         for r in results
     ]
     table = format_table(
-        ["mapping", "table rows", "click AUC", "conv AUC", "test lookups on another id's row",
-         "samples/s", "peak MiB", "machine"],
+        [
+            "mapping",
+            "table rows",
+            "click AUC",
+            "conv AUC",
+            "test lookups on another id's row",
+            "samples/s",
+            "peak MiB",
+            "machine",
+        ],
         rows,
     )
-    targets = {} if set(by) != set(MAPPINGS) else {
-        "mch_auc_ge_hash_plus_0.005": all(
-            by["mch"]["auc"][t] >= by["hash"]["auc"][t] + 0.005 for t in TASKS
-        ),
-        "mch_auc_within_0.01_of_vocab": all(
-            by["mch"]["auc"][t] >= by["vocab"]["auc"][t] - 0.01 for t in TASKS
-        ),
-        "mch_rate_ge_70pct_of_hash": by["mch"]["samples_per_s"]
-        >= 0.7 * by["hash"]["samples_per_s"],
-    }
+    targets = (
+        {}
+        if set(by) != set(MAPPINGS)
+        else {
+            "mch_auc_ge_hash_plus_0.005": all(
+                by["mch"]["auc"][t] >= by["hash"]["auc"][t] + 0.005 for t in TASKS
+            ),
+            "mch_auc_within_0.01_of_vocab": all(
+                by["mch"]["auc"][t] >= by["vocab"]["auc"][t] - 0.01 for t in TASKS
+            ),
+            "mch_rate_ge_70pct_of_hash": by["mch"]["samples_per_s"]
+            >= 0.7 * by["hash"]["samples_per_s"],
+        }
+    )
     print(table)
     print("targets: " + ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in targets.items()))
     if contended:
-        print("[bench] CONTENDED: other processes used the CPU during a run; rates are not "
-              "publishable", file=sys.stderr)
+        print(
+            "[bench] CONTENDED: other processes used the CPU during a run; rates are not "
+            "publishable",
+            file=sys.stderr,
+        )
     report = {
         "stream": asdict(stream),
         "train": asdict(train),

@@ -61,15 +61,23 @@ def run_config(data: Path, out_dir: Path, args: argparse.Namespace) -> Dict[str,
     """The dtn-train config of this setting."""
     return {
         "seed": 0,
-        "data": {"path": str(data), "batch_size": args.batch_size, "eval_batch_size": 8192,
-                 "valid_split": None},
+        "data": {
+            "path": str(data),
+            "batch_size": args.batch_size,
+            "eval_batch_size": 8192,
+            "valid_split": None,
+        },
         "model": {
             "name": "mmoe",
             "tasks": ["click", "conversion"],
             "embedding": {"embedding_dim": 16, "pooling": "sum"},
             "tower": {"hidden_dims": [64]},
-            "mmoe": {"num_experts": 4, "gate_activation": "none", "combine": "sum",
-                     "expert": {"kind": "mlp", "hidden_dims": [256], "output_dim": 128}},
+            "mmoe": {
+                "num_experts": 4,
+                "gate_activation": "none",
+                "combine": "sum",
+                "expert": {"kind": "mlp", "hidden_dims": [256], "output_dim": 128},
+            },
         },
         "train": {
             "epochs": 1,
@@ -90,23 +98,37 @@ def log_windows(stderr: str) -> List[float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", type=int, default=200_000, help="train rows")
     p.add_argument("--test-rows", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
     p.add_argument("--compile", action="store_true", help="train.compile=true")
-    p.add_argument("--log-every-steps", type=int, default=20,
-                   help="steps per timed window (the trainer's log window)")
-    p.add_argument("--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data"),
-                   help="cache directory of the synthetic dataset")
-    p.add_argument("--runs", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-runs"),
-                   help="the dtn-train run is written to a new directory under this one")
-    p.add_argument("--strict", action="store_true",
-                   help=f"refuse a busy machine (> {CONTENDED_CORES:g} core of other processes) "
-                        "and exit 3 when the run was contended")
+    p.add_argument(
+        "--log-every-steps",
+        type=int,
+        default=20,
+        help="steps per timed window (the trainer's log window)",
+    )
+    p.add_argument(
+        "--data",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data"),
+        help="cache directory of the synthetic dataset",
+    )
+    p.add_argument(
+        "--runs",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-runs"),
+        help="the dtn-train run is written to a new directory under this one",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"refuse a busy machine (> {CONTENDED_CORES:g} core of other processes) "
+        "and exit 3 when the run was contended",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny data: checks the command runs")
     args = p.parse_args(argv)
@@ -116,7 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     idle_probe = refuse_if_busy(args.strict)
 
     torch.set_num_threads(args.threads)
-    roofline = measure_roofline(*((256, 16 * 2**20, 0.1) if args.smoke else (2048, 256 * 2**20, 2.0)))
+    roofline = measure_roofline(
+        *((256, 16 * 2**20, 0.1) if args.smoke else (2048, 256 * 2**20, 2.0))
+    )
 
     fields = log_spaced_fields(20, 10, largest, 1)
     data = Path(args.data) / f"mmoe-libraries-{rows}-{test_rows}-{largest}"
@@ -133,7 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     monitor.start()
     proc = subprocess.run(
         [sys.executable, "-m", "dtn_torchrec.cli.train", "--config", str(config_path)],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     other_cores = monitor.stop()
     if proc.returncode != 0:
@@ -150,37 +176,75 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "benchmark": "mmoe_libraries",
         "machine": machine_info(),
         "args": vars(args),
-        "data": {"path": str(data), "train_rows": rows, "test_rows": test_rows, "oracle_test_auc": oracle},
+        "data": {
+            "path": str(data),
+            "train_rows": rows,
+            "test_rows": test_rows,
+            "oracle_test_auc": oracle,
+        },
         "roofline": dataclasses.asdict(roofline),
         "idle_probe_other_cpu_cores": idle_probe,
         "other_cpu_cores_during_run": other_cores,
         "contended": contended,
         "ours": {
-            "samples_per_s": ours, "min_samples_per_s": min(windows), "max_samples_per_s": max(windows),
-            "windows": windows, "epoch_samples_per_s": summary["throughput"]["samples_per_s"],
-            "test_auc": auc, "dense_precision": precision.group(1) if precision else None,
+            "samples_per_s": ours,
+            "min_samples_per_s": min(windows),
+            "max_samples_per_s": max(windows),
+            "windows": windows,
+            "epoch_samples_per_s": summary["throughput"]["samples_per_s"],
+            "test_auc": auc,
+            "dense_precision": precision.group(1) if precision else None,
         },
         "libraries": LIBRARIES,
         "library_test_auc": LIBRARY_TEST_AUC,
         "speed_ratio_to_fastest": ours / fastest,
         "targets": [
-            {"target": f"ours >= {SPEED_TARGET}x the fastest library", "value": ours / fastest,
-             "met": ours / fastest >= SPEED_TARGET},
-            *({"target": f"{t} test AUC >= library - {AUC_TOLERANCE}", "value": auc[t],
-               "met": auc[t] >= LIBRARY_TEST_AUC[t] - AUC_TOLERANCE} for t in auc),
+            {
+                "target": f"ours >= {SPEED_TARGET}x the fastest library",
+                "value": ours / fastest,
+                "met": ours / fastest >= SPEED_TARGET,
+            },
+            *(
+                {
+                    "target": f"{t} test AUC >= library - {AUC_TOLERANCE}",
+                    "value": auc[t],
+                    "met": auc[t] >= LIBRARY_TEST_AUC[t] - AUC_TOLERANCE,
+                }
+                for t in auc
+            ),
         ],
     }
-    print(format_table(
-        ("trainer", "samples/s", "(min-max)", "test AUC click", "conversion", "conditions"),
-        [("ours (dtn-train, " + str(result["ours"]["dense_precision"]) + ")", f"{ours:,.0f}",
-          f"{min(windows):,.0f}-{max(windows):,.0f}", f"{auc['click']:.4f}", f"{auc['conversion']:.4f}",
-          f"{contention_mark(contended)} ({other_cores:.2f} cores other)")]
-        + [(name + " [issue 12, idle]", f"{v['samples_per_s']:,.0f}", "-", f"{LIBRARY_TEST_AUC['click']:.3f}",
-            f"{LIBRARY_TEST_AUC['conversion']:.3f}", "their data") for name, v in LIBRARIES.items()],
-    ))
-    print(f"oracle test AUC {oracle['click']:.4f} / {oracle['conversion']:.4f}; GEMM peak with {args.threads} "
-          f"threads: fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, bf16 {roofline.gemm_peak_bf16_flops / 1e9:,.1f} "
-          f"GFLOP/s; ours / fastest library {ours / fastest:.2f} (target {SPEED_TARGET})")
+    print(
+        format_table(
+            ("trainer", "samples/s", "(min-max)", "test AUC click", "conversion", "conditions"),
+            [
+                (
+                    "ours (dtn-train, " + str(result["ours"]["dense_precision"]) + ")",
+                    f"{ours:,.0f}",
+                    f"{min(windows):,.0f}-{max(windows):,.0f}",
+                    f"{auc['click']:.4f}",
+                    f"{auc['conversion']:.4f}",
+                    f"{contention_mark(contended)} ({other_cores:.2f} cores other)",
+                )
+            ]
+            + [
+                (
+                    name + " [issue 12, idle]",
+                    f"{v['samples_per_s']:,.0f}",
+                    "-",
+                    f"{LIBRARY_TEST_AUC['click']:.3f}",
+                    f"{LIBRARY_TEST_AUC['conversion']:.3f}",
+                    "their data",
+                )
+                for name, v in LIBRARIES.items()
+            ],
+        )
+    )
+    print(
+        f"oracle test AUC {oracle['click']:.4f} / {oracle['conversion']:.4f}; GEMM peak with {args.threads} "
+        f"threads: fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, bf16 {roofline.gemm_peak_bf16_flops / 1e9:,.1f} "
+        f"GFLOP/s; ours / fastest library {ours / fastest:.2f} (target {SPEED_TARGET})"
+    )
     if args.out:
         write_json_atomic(args.out, result)
     return strict_status(contended, args.strict)

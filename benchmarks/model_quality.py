@@ -51,8 +51,9 @@ from dtn_torchrec.models.stats import model_stats
 from dtn_torchrec.train.config import load_run_config
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIGS = [REPO / "configs" / f"{m}_demo.yaml"
-                   for m in ("dtn", "mmoe", "ple", "shared_bottom")]
+DEFAULT_CONFIGS = [
+    REPO / "configs" / f"{m}_demo.yaml" for m in ("dtn", "mmoe", "ple", "shared_bottom")
+]
 DEFAULT_BASELINE = REPO / "benchmarks" / "mlp_baseline.yaml"
 # Structure seeds at or above this are for tuning, below it for reporting.
 TUNE_SEED_MIN = 100
@@ -74,9 +75,18 @@ class SynthSettings:
     rows_per_user: float = 10.0
 
     def flags(self) -> List[str]:
-        return ["--train-rows", str(self.train_rows), "--test-rows", str(self.test_rows),
-                "--id-scale", str(self.id_scale), "--history-scale", str(self.history_scale),
-                "--rows-per-user", str(self.rows_per_user)]
+        return [
+            "--train-rows",
+            str(self.train_rows),
+            "--test-rows",
+            str(self.test_rows),
+            "--id-scale",
+            str(self.id_scale),
+            "--history-scale",
+            str(self.history_scale),
+            "--rows-per-user",
+            str(self.rows_per_user),
+        ]
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -88,7 +98,8 @@ def parse_seeds(text: str) -> List[int]:
             low, high = int(first), int(last or first)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"not a seed list like 0-4 or 0,3,7: {text!r}") from None
+                f"not a seed list like 0-4 or 0,3,7: {text!r}"
+            ) from None
         if low < 0 or high < low:
             raise argparse.ArgumentTypeError(f"bad seed range {part!r} in {text!r}")
         seeds.extend(range(low, high + 1))
@@ -102,16 +113,19 @@ def check_seed_purpose(seeds: Sequence[int], purpose: str) -> None:
     wrong = [s for s in seeds if (s >= TUNE_SEED_MIN) != (purpose == "tune")]
     if wrong:
         side = f">= {TUNE_SEED_MIN}" if purpose == "tune" else f"< {TUNE_SEED_MIN}"
-        raise SystemExit(f"--seeds-{purpose}: seeds must be {side} (tuning and reporting seeds "
-                         f"are kept apart), got {wrong}")
+        raise SystemExit(
+            f"--seeds-{purpose}: seeds must be {side} (tuning and reporting seeds "
+            f"are kept apart), got {wrong}"
+        )
 
 
 def python_module(module: str, *args: str) -> List[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def run_logged(command: List[str], log: Path,
-               env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+def run_logged(
+    command: List[str], log: Path, env: Optional[Dict[str, str]] = None
+) -> Dict[str, Any]:
     """Runs ``command`` with its output in ``log``; returns its wall seconds and the CPU other
     processes took meanwhile (cores). Exits naming the log when the command fails."""
     monitor = OtherCpuMonitor()
@@ -124,8 +138,9 @@ def run_logged(command: List[str], log: Path,
     # The monitor counts only live descendants as ours; the finished command's CPU is in
     # RUSAGE_CHILDREN (the command waits for its own children).
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child_cpu = (children.ru_utime + children.ru_stime
-                 - children_before.ru_utime - children_before.ru_stime)
+    child_cpu = (
+        children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
+    )
     other_cores = max(0.0, monitor.stop() - child_cpu / max(seconds, 1e-9))
     if proc.returncode != 0:
         module = command[command.index("-m") + 1]
@@ -133,17 +148,35 @@ def run_logged(command: List[str], log: Path,
     return {"seconds": seconds, "other_cpu_cores": other_cores}
 
 
-def prepare_structure(seed: int, synth: SynthSettings, workdir: Path,
-                      reuse: bool) -> Dict[str, Any]:
+def prepare_structure(
+    seed: int, synth: SynthSettings, workdir: Path, reuse: bool
+) -> Dict[str, Any]:
     """``dtn-synth`` (random structure ``seed``) then ``dtn-prepare`` (defaults) into
     ``workdir/s<seed>/{raw,data}``; returns the commands and ``truth.json``."""
     base = workdir / f"s{seed}"
     raw, data = base / "raw", base / "data"
-    synth_cmd = python_module("dtn_torchrec.cli.synth", "--output", str(raw), *synth.flags(),
-                              "--seed", str(seed), "--structure", "random",
-                              "--structure-seed", str(seed))
-    prepare_cmd = python_module("dtn_torchrec.cli.prepare", "--format", "aliccp-raw",
-                                "--input", str(raw), "--output", str(data), "--quiet")
+    synth_cmd = python_module(
+        "dtn_torchrec.cli.synth",
+        "--output",
+        str(raw),
+        *synth.flags(),
+        "--seed",
+        str(seed),
+        "--structure",
+        "random",
+        "--structure-seed",
+        str(seed),
+    )
+    prepare_cmd = python_module(
+        "dtn_torchrec.cli.prepare",
+        "--format",
+        "aliccp-raw",
+        "--input",
+        str(raw),
+        "--output",
+        str(data),
+        "--quiet",
+    )
     done = (raw / "truth.json").exists() and (data / "schema.json").exists()
     if not (reuse and done):
         if base.exists():
@@ -152,20 +185,37 @@ def prepare_structure(seed: int, synth: SynthSettings, workdir: Path,
         run_logged(synth_cmd, base / "synth.log")
         run_logged(prepare_cmd, base / "prepare.log")
     truth = json.loads((raw / "truth.json").read_text())
-    return {"seed": seed, "data": str(data), "commands": [synth_cmd, prepare_cmd],
-            "structure": truth.get("structure"), "oracle_test_auc": truth["oracle_auc"][TEST_SPLIT]}
+    return {
+        "seed": seed,
+        "data": str(data),
+        "commands": [synth_cmd, prepare_cmd],
+        "structure": truth.get("structure"),
+        "oracle_test_auc": truth["oracle_auc"][TEST_SPLIT],
+    }
 
 
 def train_command(config: Path, data: str, run_dir: Path, args: argparse.Namespace) -> List[str]:
     """The ``torchrun ... dtn_torchrec.cli.train`` command of one config on one structure."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    return [torchrun, "--nproc_per_node", str(args.nproc), "-m", "dtn_torchrec.cli.train",
-            "--config", str(config), f"data.path={data}", f"output.dir={run_dir}",
-            f"train.epochs={args.epochs}", "output.tensorboard=false", *args.override]
+    return [
+        torchrun,
+        "--nproc_per_node",
+        str(args.nproc),
+        "-m",
+        "dtn_torchrec.cli.train",
+        "--config",
+        str(config),
+        f"data.path={data}",
+        f"output.dir={run_dir}",
+        f"train.epochs={args.epochs}",
+        "output.tensorboard=false",
+        *args.override,
+    ]
 
 
-def train_run(config: Path, structure: Dict[str, Any], workdir: Path,
-              args: argparse.Namespace) -> Dict[str, Any]:
+def train_run(
+    config: Path, structure: Dict[str, Any], workdir: Path, args: argparse.Namespace
+) -> Dict[str, Any]:
     """Trains one config on one structure (or reads its finished run with ``--reuse``)."""
     base = workdir / f"s{structure['seed']}"
     run_dir = base / "runs" / config.stem
@@ -176,14 +226,17 @@ def train_run(config: Path, structure: Dict[str, Any], workdir: Path,
     if not reused:
         if run_dir.exists():
             raise SystemExit(
-                f"{run_dir} exists: pass --reuse to keep it, or choose a new --workdir")
+                f"{run_dir} exists: pass --reuse to keep it, or choose a new --workdir"
+            )
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         conditions = run_logged(command, base / "runs" / f"{config.stem}.log", env)
     summary = json.loads(summary_path.read_text())
     if summary["epochs"] > args.epochs or summary["config"]["train"]["epochs"] != args.epochs:
-        raise SystemExit(f"{summary_path}: trained for {summary['config']['train']['epochs']} "
-                         f"epochs, not --epochs {args.epochs}; use a new --workdir")
+        raise SystemExit(
+            f"{summary_path}: trained for {summary['config']['train']['epochs']} "
+            f"epochs, not --epochs {args.epochs}; use a new --workdir"
+        )
     oracle = structure["oracle_test_auc"]
     test_auc = {t: m["auc"] for t, m in summary[TEST_SPLIT].items()}
     record = {
@@ -194,29 +247,41 @@ def train_run(config: Path, structure: Dict[str, Any], workdir: Path,
         "test_auc": test_auc,
         "gap_to_oracle": {t: oracle[t] - v for t, v in test_auc.items()},
         "selected": {k: summary["selected"][k] for k in ("step", "epoch", "rule", "stopped_early")},
-        "test_auc_history": [{"step": h["step"], **{t: m["auc"] for t, m in h["metrics"].items()}}
-                             for h in summary["history"] if h["split"] == TEST_SPLIT],
+        "test_auc_history": [
+            {"step": h["step"], **{t: m["auc"] for t, m in h["metrics"].items()}}
+            for h in summary["history"]
+            if h["split"] == TEST_SPLIT
+        ],
         "steps": summary["steps"],
         "samples_per_s": summary["throughput"]["samples_per_s"],
         "world_size": summary["world_size"],
         **conditions,
-        "contended": (conditions["other_cpu_cores"] is not None
-                      and is_contended([conditions["other_cpu_cores"]])),
+        "contended": (
+            conditions["other_cpu_cores"] is not None
+            and is_contended([conditions["other_cpu_cores"]])
+        ),
     }
-    print(f"[quality] s{structure['seed']} {config.stem}: selected epoch "
-          f"{record['selected']['epoch']}, "
-          + ", ".join(f"{t} {v:.4f}" for t, v in test_auc.items())
-          + f", {record['samples_per_s']:,.0f} samples/s", file=sys.stderr, flush=True)
+    print(
+        f"[quality] s{structure['seed']} {config.stem}: selected epoch "
+        f"{record['selected']['epoch']}, "
+        + ", ".join(f"{t} {v:.4f}" for t, v in test_auc.items())
+        + f", {record['samples_per_s']:,.0f} samples/s",
+        file=sys.stderr,
+        flush=True,
+    )
     return record
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
 
 
-def summarise(runs: List[Dict[str, Any]], structures: List[Dict[str, Any]], tasks: List[str],
-              lead: str) -> Dict[str, Dict[str, Any]]:
+def summarise(
+    runs: List[Dict[str, Any]], structures: List[Dict[str, Any]], tasks: List[str], lead: str
+) -> Dict[str, Dict[str, Any]]:
     """Per model: mean +- std over structures of the test AUC, the gap to the oracle, the paired
     difference to ``lead`` (the first config), samples/s and the selected epochs."""
     by_model: Dict[str, Dict[int, Dict[str, Any]]] = {}
@@ -227,11 +292,15 @@ def summarise(runs: List[Dict[str, Any]], structures: List[Dict[str, Any]], task
     for model, per_seed in by_model.items():
         summary[model] = {
             "test_auc": {t: mean_std([per_seed[s]["test_auc"][t] for s in seeds]) for t in tasks},
-            "gap_to_oracle": {t: mean_std([per_seed[s]["gap_to_oracle"][t] for s in seeds])
-                              for t in tasks},
+            "gap_to_oracle": {
+                t: mean_std([per_seed[s]["gap_to_oracle"][t] for s in seeds]) for t in tasks
+            },
             f"{lead}_minus_this": {
-                t: mean_std([by_model[lead][s]["test_auc"][t] - per_seed[s]["test_auc"][t]
-                             for s in seeds]) for t in tasks},
+                t: mean_std(
+                    [by_model[lead][s]["test_auc"][t] - per_seed[s]["test_auc"][t] for s in seeds]
+                )
+                for t in tasks
+            },
             "samples_per_s": mean_std([per_seed[s]["samples_per_s"] for s in seeds]),
             "selected_epochs": [per_seed[s]["selected"]["epoch"] for s in seeds],
         }
@@ -241,48 +310,90 @@ def summarise(runs: List[Dict[str, Any]], structures: List[Dict[str, Any]], task
 def table(result: Dict[str, Any]) -> str:
     """Text table: per model, mean +- std test AUC and mean gap to the oracle per task."""
     tasks = result["tasks"]
-    header = ["model", "params", *[c for t in tasks for c in (f"{t} AUC", "gap")], "samples/s",
-              "selected epochs"]
+    header = [
+        "model",
+        "params",
+        *[c for t in tasks for c in (f"{t} AUC", "gap")],
+        "samples/s",
+        "selected epochs",
+    ]
     rows = []
     for model, s in result["summary"].items():
-        cells = [c for t in tasks for c in (
-            f"{s['test_auc'][t]['mean']:.4f} ± {s['test_auc'][t]['std']:.4f}",
-            f"{s['gap_to_oracle'][t]['mean']:.4f}")]
-        rows.append([model, f"{result['parameters'][model]['total_params']:,}", *cells,
-                     f"{s['samples_per_s']['mean']:,.0f}",
-                     " ".join(str(e) for e in s["selected_epochs"])])
+        cells = [
+            c
+            for t in tasks
+            for c in (
+                f"{s['test_auc'][t]['mean']:.4f} ± {s['test_auc'][t]['std']:.4f}",
+                f"{s['gap_to_oracle'][t]['mean']:.4f}",
+            )
+        ]
+        rows.append(
+            [
+                model,
+                f"{result['parameters'][model]['total_params']:,}",
+                *cells,
+                f"{s['samples_per_s']['mean']:,.0f}",
+                " ".join(str(e) for e in s["selected_epochs"]),
+            ]
+        )
     oracle = result["oracle_test_auc"]
-    rows.append(["oracle (truth)", "", *[c for t in tasks for c in (
-        f"{oracle[t]['mean']:.4f} ± {oracle[t]['std']:.4f}", "")], "", ""])
+    rows.append(
+        [
+            "oracle (truth)",
+            "",
+            *[c for t in tasks for c in (f"{oracle[t]['mean']:.4f} ± {oracle[t]['std']:.4f}", "")],
+            "",
+            "",
+        ]
+    )
     return format_table(header, rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, type=Path,
-                   help="raw data, datasets, run directories and logs, one folder per structure")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--workdir",
+        required=True,
+        type=Path,
+        help="raw data, datasets, run directories and logs, one folder per structure",
+    )
     seeds = p.add_mutually_exclusive_group(required=True)
-    seeds.add_argument("--seeds-report", type=parse_seeds,
-                       help=f"structure seeds to report on (< {TUNE_SEED_MIN}), e.g. 0-4")
-    seeds.add_argument("--seeds-tune", type=parse_seeds,
-                       help=f"structure seeds to tune configs on (>= {TUNE_SEED_MIN}), "
-                            "e.g. 100-104")
-    p.add_argument("--configs", nargs="+", type=Path, default=DEFAULT_CONFIGS,
-                   help="the first is the model the others are compared with")
+    seeds.add_argument(
+        "--seeds-report",
+        type=parse_seeds,
+        help=f"structure seeds to report on (< {TUNE_SEED_MIN}), e.g. 0-4",
+    )
+    seeds.add_argument(
+        "--seeds-tune",
+        type=parse_seeds,
+        help=f"structure seeds to tune configs on (>= {TUNE_SEED_MIN}), e.g. 100-104",
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        type=Path,
+        default=DEFAULT_CONFIGS,
+        help="the first is the model the others are compared with",
+    )
     p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     p.add_argument("--train-rows", type=int, default=SynthSettings.train_rows)
     p.add_argument("--test-rows", type=int, default=SynthSettings.test_rows)
-    p.add_argument("--override", nargs="*", default=[],
-                   help="more dotted overrides for every dtn-train run")
-    p.add_argument("--gemm-window-seconds", type=float, default=2.0,
-                   help="each GEMM peak window (3 per dtype)")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep the data and finished runs already in --workdir")
-    p.add_argument("--out", type=Path,
-                   default=REPO / "benchmarks" / "results" / "model_quality.json")
+    p.add_argument(
+        "--override", nargs="*", default=[], help="more dotted overrides for every dtn-train run"
+    )
+    p.add_argument(
+        "--gemm-window-seconds", type=float, default=2.0, help="each GEMM peak window (3 per dtype)"
+    )
+    p.add_argument(
+        "--reuse", action="store_true", help="keep the data and finished runs already in --workdir"
+    )
+    p.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "model_quality.json"
+    )
     args = p.parse_args(argv)
     purpose = "report" if args.seeds_report is not None else "tune"
     structure_seeds = args.seeds_report if purpose == "report" else args.seeds_tune
@@ -308,9 +419,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     tasks = list(runs[0]["test_auc"])
     schema = SchemaSpec.load(structures[0]["data"])
-    parameters = {c.stem: model_stats(load_run_config(str(c)).model, schema).to_dict()
-                  for c in configs}
-    contended = (any(r["contended"] for r in runs) or any(g["contended"] for g in gemm.values()))
+    parameters = {
+        c.stem: model_stats(load_run_config(str(c)).model, schema).to_dict() for c in configs
+    }
+    contended = any(r["contended"] for r in runs) or any(g["contended"] for g in gemm.values())
     result = {
         "benchmark": "model_quality",
         "purpose": purpose,
@@ -323,8 +435,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "configs": [str(c) for c in args.configs],
         "baseline": args.baseline.stem,
         "tasks": tasks,
-        "oracle_test_auc": {t: mean_std([s["oracle_test_auc"][t] for s in structures])
-                            for t in tasks},
+        "oracle_test_auc": {
+            t: mean_std([s["oracle_test_auc"][t] for s in structures]) for t in tasks
+        },
         "parameters": parameters,
         "parameters_on": f"structure {structures[0]['seed']}'s schema (table sizes from its data)",
         "summary": summarise(runs, structures, tasks, args.configs[0].stem),
@@ -335,8 +448,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": runs,
     }
     print(table(result))
-    print(f"GEMM peak, 1 thread: fp32 {gemm['fp32']['flops'] / 1e9:,.1f}, bf16 "
-          f"{gemm['bf16']['flops'] / 1e9:,.1f} GFLOP/s; conditions: {contention_mark(contended)}")
+    print(
+        f"GEMM peak, 1 thread: fp32 {gemm['fp32']['flops'] / 1e9:,.1f}, bf16 "
+        f"{gemm['bf16']['flops'] / 1e9:,.1f} GFLOP/s; conditions: {contention_mark(contended)}"
+    )
     write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
     return 0

@@ -22,8 +22,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from benchmarks.common import TrainRun, rank_record, timed_windows
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader import ParquetBatchReader
-from dtn_torchrec.distributed.config import ShardingConfig
 from dtn_torchrec.distributed.build import build_sharded_model
+from dtn_torchrec.distributed.config import ShardingConfig
 from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
 from dtn_torchrec.distributed.planning import plan_to_json
 from dtn_torchrec.models.builder import build_train_model
@@ -47,7 +47,9 @@ def with_table_precision(model: nn.Module, precision: str) -> nn.Module:
     for path, sub in swaps:
         if isinstance(sub, EmbeddingBagCollection):
             tables = [replace(c, data_type=data_type) for c in sub.embedding_bag_configs()]
-            new: nn.Module = EmbeddingBagCollection(tables=tables, is_weighted=sub.is_weighted(), device=meta)
+            new: nn.Module = EmbeddingBagCollection(
+                tables=tables, is_weighted=sub.is_weighted(), device=meta
+            )
         else:
             tables = [replace(c, data_type=data_type) for c in sub.embedding_configs()]
             new = EmbeddingCollection(tables=tables, device=meta)
@@ -83,7 +85,9 @@ def ours_step(run: TrainRun) -> OursStep:
     sharding: ShardingConfig = cfg.sharding
     if run.sharding_types is not None:
         sharding = ShardingConfig(sharding_types=list(run.sharding_types))
-    dmp, plan = build_sharded_model(model, sharding, schema, device=device, batch_size=run.batch_size)
+    dmp, plan = build_sharded_model(
+        model, sharding, schema, device=device, batch_size=run.batch_size
+    )
     optimizers = build_dense_optimizer(dmp, cfg.train.dense_optimizer)
     pipeline = TrainPipelineSparseDist(
         dmp, optimizers.optimizer, device, execute_all_batches=True, pipeline_postproc=True
@@ -107,7 +111,9 @@ def ours_step(run: TrainRun) -> OursStep:
         return int(labels.shape[0])
 
     shardings = {
-        table: info["sharding_type"] for tables in plan_to_json(plan).values() for table, info in tables.items()
+        table: info["sharding_type"]
+        for tables in plan_to_json(plan).values()
+        for table, info in tables.items()
     }
     return OursStep(step, shardings)
 

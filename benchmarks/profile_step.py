@@ -31,9 +31,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_SUFFIX = {"demo": "demo", "reference": "aliccp"}
 # Operator name -> group, first match wins.
 GROUPS = (
-    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn", "aten::_weight_int8")),
+    (
+        "gemm",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn", "aten::_weight_int8"),
+    ),
     ("embedding", ("fbgemm", "aten::embedding", "aten::_embedding_bag")),
-    ("optimizer", ("aten::_foreach", "Optimizer", "aten::_fused_adam", "aten::addcdiv", "aten::lerp")),
+    (
+        "optimizer",
+        ("aten::_foreach", "Optimizer", "aten::_fused_adam", "aten::addcdiv", "aten::lerp"),
+    ),
 )
 
 
@@ -58,7 +64,9 @@ def profile_rank(run: TrainRun, side: str, steps: int, top: int) -> Dict[str, An
     total_us = sum(e.self_cpu_time_total for e in events)
     groups: Dict[str, float] = {}
     for e in events:
-        groups[operator_group(e.key)] = groups.get(operator_group(e.key), 0.0) + e.self_cpu_time_total
+        groups[operator_group(e.key)] = (
+            groups.get(operator_group(e.key), 0.0) + e.self_cpu_time_total
+        )
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "side": side,
@@ -66,14 +74,22 @@ def profile_rank(run: TrainRun, side: str, steps: int, top: int) -> Dict[str, An
         "samples": samples,
         "self_cpu_ms_per_step": total_us / steps / 1e3,
         "groups_ms_per_step": {g: us / steps / 1e3 for g, us in sorted(groups.items())},
-        "top": [{"op": e.key, "ms_per_step": e.self_cpu_time_total / steps / 1e3, "calls_per_step":
-                 e.count / steps, "share": e.self_cpu_time_total / total_us} for e in events[:top]],
+        "top": [
+            {
+                "op": e.key,
+                "ms_per_step": e.self_cpu_time_total / steps / 1e3,
+                "calls_per_step": e.count / steps,
+                "share": e.self_cpu_time_total / total_us,
+            }
+            for e in events[:top]
+        ],
     }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="dtn", choices=("shared_bottom", "mmoe", "ple", "dtn"))
     p.add_argument("--size", choices=sorted(CONFIG_SUFFIX), default="reference")
     p.add_argument("--id-scale", type=float, default=0.01)
@@ -84,36 +100,77 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
     p.add_argument("--top", type=int, default=15, help="operators listed per side")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data"))
+    p.add_argument(
+        "--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data")
+    )
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", help="write the profiles as JSON here")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides (e.g. train.precision=fp32)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted.key=value config overrides (e.g. train.precision=fp32)"
+    )
     args = p.parse_args(argv)
 
     config = os.path.join(REPO, "configs", f"{args.model}_{CONFIG_SUFFIX[args.size]}.yaml")
     batch = args.batch_size or load_run_config(config, args.overrides).data.batch_size
-    data = cached_dataset(args.data, f"aliccp-like-{args.size}", aliccp_like_fields(args.id_scale, args.history_scale),
-                          args.rows, seed=0, ids="zipf")
-    run = TrainRun(config=config, overrides=tuple(args.overrides), data=str(data), batch_size=batch,
-                   timing=WindowSpec(args.warmup, 1.0, 1))
+    data = cached_dataset(
+        args.data,
+        f"aliccp-like-{args.size}",
+        aliccp_like_fields(args.id_scale, args.history_scale),
+        args.rows,
+        seed=0,
+        ids="zipf",
+    )
+    run = TrainRun(
+        config=config,
+        overrides=tuple(args.overrides),
+        data=str(data),
+        batch_size=batch,
+        timing=WindowSpec(args.warmup, 1.0, 1),
+    )
     profiles: List[Dict[str, Any]] = []
     for side in ("ours", "reference"):
-        (profile,) = run_ranks(profile_rank, 1, args.threads, args.timeout, run=run, side=side,
-                               steps=args.steps, top=args.top)
+        (profile,) = run_ranks(
+            profile_rank,
+            1,
+            args.threads,
+            args.timeout,
+            run=run,
+            side=side,
+            steps=args.steps,
+            top=args.top,
+        )
         profiles.append(profile)
     groups = sorted({g for prof in profiles for g in prof["groups_ms_per_step"]})
-    print(format_table(
-        ("group (ms / step)", *[prof["side"] for prof in profiles]),
-        [(g, *[f"{prof['groups_ms_per_step'].get(g, 0.0):,.1f}" for prof in profiles]) for g in groups]
-        + [("total self CPU", *[f"{prof['self_cpu_ms_per_step']:,.1f}" for prof in profiles])],
-    ))
+    print(
+        format_table(
+            ("group (ms / step)", *[prof["side"] for prof in profiles]),
+            [
+                (g, *[f"{prof['groups_ms_per_step'].get(g, 0.0):,.1f}" for prof in profiles])
+                for g in groups
+            ]
+            + [("total self CPU", *[f"{prof['self_cpu_ms_per_step']:,.1f}" for prof in profiles])],
+        )
+    )
     for prof in profiles:
         print(f"\n{prof['side']}: top operators by self CPU time")
-        print(format_table(("operator", "ms / step", "calls / step", "share"),
-                           [(t["op"], f"{t['ms_per_step']:,.2f}", f"{t['calls_per_step']:,.0f}",
-                             f"{100 * t['share']:.1f}%") for t in prof["top"]]))
+        print(
+            format_table(
+                ("operator", "ms / step", "calls / step", "share"),
+                [
+                    (
+                        t["op"],
+                        f"{t['ms_per_step']:,.2f}",
+                        f"{t['calls_per_step']:,.0f}",
+                        f"{100 * t['share']:.1f}%",
+                    )
+                    for t in prof["top"]
+                ],
+            )
+        )
     if args.out:
-        write_json_atomic(args.out, {"benchmark": "profile_step", "args": vars(args), "profiles": profiles})
+        write_json_atomic(
+            args.out, {"benchmark": "profile_step", "args": vars(args), "profiles": profiles}
+        )
     return 0
 
 

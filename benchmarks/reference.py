@@ -49,7 +49,9 @@ class PlainEmbeddingBags(nn.Module):
     def __init__(self, ebc: EmbeddingBagCollection) -> None:
         super().__init__()
         if ebc.is_weighted():
-            raise ValueError("the reference has no per-id weights; use a config with use_weights: false")
+            raise ValueError(
+                "the reference has no per-id weights; use a config with use_weights: false"
+            )
         self.features: List[Tuple[str, str]] = []
         self.bags = nn.ModuleDict()
         for config in ebc.embedding_bag_configs():
@@ -66,7 +68,8 @@ class PlainEmbeddingBags(nn.Module):
         """Returns pooled ``[B, D]`` per feature, as a ``KeyedTensor``."""
         jagged = features.to_dict()
         pooled = [
-            self.bags[table](jagged[name].values(), jagged[name].offsets()) for name, table in self.features
+            self.bags[table](jagged[name].values(), jagged[name].offsets())
+            for name, table in self.features
         ]
         return KeyedTensor.from_tensor_list([name for name, _ in self.features], pooled)
 
@@ -89,7 +92,9 @@ class PlainEmbeddings(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
         jagged = features.to_dict()
         return {
-            name: JaggedTensor(values=self.tables[table](jagged[name].values()), lengths=jagged[name].lengths())
+            name: JaggedTensor(
+                values=self.tables[table](jagged[name].values()), lengths=jagged[name].lengths()
+            )
             for name, table in self.features
         }
 
@@ -116,7 +121,9 @@ def reference_model(model_config: ModelConfig, schema: SchemaSpec) -> nn.Module:
     build over the real ``schema``.
     """
     sized = build_train_model(model_config, schema, device=torch.device("meta"))
-    tiny = replace(schema, fields=[replace(f, num_embeddings=min(f.num_embeddings, 2)) for f in schema.fields])
+    tiny = replace(
+        schema, fields=[replace(f, num_embeddings=min(f.num_embeddings, 2)) for f in schema.fields]
+    )
     model = build_train_model(model_config, tiny, device=torch.device("cpu"))
     without_fusion(model.model.dense_arch)
     for path, sub in sized.named_modules():
@@ -131,7 +138,9 @@ class ParquetRows(Dataset):
     """A split read whole with pyarrow; ``dataset[i]`` is row ``i``: ``({field: ids}, labels)``."""
 
     def __init__(self, root: str, schema: SchemaSpec, split: str) -> None:
-        table = pq.read_table(schema.split_files(root, split), columns=schema.field_names + schema.labels)
+        table = pq.read_table(
+            schema.split_files(root, split), columns=schema.field_names + schema.labels
+        )
         self.fields = schema.field_names
         self.offsets: Dict[str, np.ndarray] = {}
         self.values: Dict[str, np.ndarray] = {}
@@ -139,7 +148,9 @@ class ParquetRows(Dataset):
             column = table.column(name).combine_chunks()
             self.offsets[name] = column.offsets.to_numpy()
             self.values[name] = column.values.to_numpy()
-        self.labels = np.stack([table.column(label).to_numpy() for label in schema.labels], axis=1).astype(np.float32)
+        self.labels = np.stack(
+            [table.column(label).to_numpy() for label in schema.labels], axis=1
+        ).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -152,7 +163,9 @@ class ParquetRows(Dataset):
         return row, self.labels[index]
 
 
-def collate_rows(rows: Sequence[Tuple[Dict[str, np.ndarray], np.ndarray]], fields: Sequence[str]) -> Batch:
+def collate_rows(
+    rows: Sequence[Tuple[Dict[str, np.ndarray], np.ndarray]], fields: Sequence[str]
+) -> Batch:
     """Stacks rows into a ``Batch``, field by field and row by row."""
     values: List[np.ndarray] = []
     lengths: List[int] = []
@@ -187,7 +200,9 @@ def reference_batches(
     dataset = ParquetRows(root, schema, split)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -231,7 +246,9 @@ def reference_step(run: TrainRun, workers: int = 0) -> Callable[[], int]:
     cfg, schema = run.load()
     torch.manual_seed(cfg.seed)
     trainer = ReferenceTrainer(reference_model(cfg.model, schema), lr=cfg.train.dense_optimizer.lr)
-    batches = reference_batches(run.data, schema, "train", run.batch_size, seed=cfg.seed, workers=workers)
+    batches = reference_batches(
+        run.data, schema, "train", run.batch_size, seed=cfg.seed, workers=workers
+    )
     return lambda: trainer.step(next(batches))
 
 

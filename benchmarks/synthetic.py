@@ -38,7 +38,12 @@ _CONVERSION_GIVEN_CLICK = 0.20
 
 # Ali-CCP list lengths per row (docs/data-formats.md): history fields (scaled by history_scale),
 # the item's intention nodes, and the combination fields present on part of the rows.
-_HISTORY_LENGTHS = {"109_14": (117, 138), "110_14": (342, 973), "127_14": (209, 587), "150_14": (191, 200)}
+_HISTORY_LENGTHS = {
+    "109_14": (117, 138),
+    "110_14": (342, 973),
+    "127_14": (209, 587),
+    "150_14": (191, 200),
+}
 _OTHER_LENGTHS = {"210": (3, 14), "853": (1, 6)}
 _PRESENT = {"508": 0.55, "509": 0.15, "702": 0.35, "853": 0.5}
 
@@ -64,7 +69,9 @@ class SyntheticField:
         if self.num_embeddings < 2:
             raise ValueError(f"field {self.name}: need at least 2 rows (id 0 is reserved)")
         if not 0 <= self.min_length <= self.max_length:
-            raise ValueError(f"field {self.name}: bad length range {self.min_length}..{self.max_length}")
+            raise ValueError(
+                f"field {self.name}: bad length range {self.min_length}..{self.max_length}"
+            )
         if not 0.0 <= self.present <= 1.0:
             raise ValueError(f"field {self.name}: present must lie in [0, 1]")
 
@@ -93,7 +100,9 @@ def log_spaced_fields(count: int, smallest: int, largest: int, scale: int) -> Li
     return [SyntheticField(f"f{i:02d}", int(v) * scale + 1) for i, v in enumerate(vocab)]
 
 
-def _draw_ids(rng: np.random.Generator, n: int, rows: int, distribution: str, exponent: float) -> np.ndarray:
+def _draw_ids(
+    rng: np.random.Generator, n: int, rows: int, distribution: str, exponent: float
+) -> np.ndarray:
     """``n`` ids in ``[1, rows)``: uniform, or Zipf (id 1 the most frequent, as a frequency-
     sorted vocabulary numbers them; the tail folds back modulo the table)."""
     if distribution == "uniform":
@@ -134,7 +143,9 @@ def write_dataset(
     try:
         for start in range(0, rows, group):
             n = min(group, rows - start)
-            columns: Dict[str, pa.Array] = {SAMPLE_ID_COLUMN: pa.array(np.arange(start, start + n, dtype=np.int64))}
+            columns: Dict[str, pa.Array] = {
+                SAMPLE_ID_COLUMN: pa.array(np.arange(start, start + n, dtype=np.int64))
+            }
             for f in fields:
                 lengths = rng.integers(f.min_length, f.max_length + 1, size=n)
                 if f.present < 1.0:
@@ -238,9 +249,9 @@ def write_planted_dataset(
 
     Fields must be single-valued (``max_length == 1``, always present); ids are Zipf.
     """
-    from dtn_torchrec.train.metrics import binary_auc  # the same AUC as the trainer's
-
     import torch
+
+    from dtn_torchrec.train.metrics import binary_auc  # the same AUC as the trainer's
 
     if any(f.max_length != 1 or f.min_length != 1 or f.present < 1.0 for f in fields):
         raise ValueError("planted labels need single-valued fields that are always present")
@@ -251,10 +262,15 @@ def write_planted_dataset(
     mains = {t: [rng.normal(0.0, labels.main_std, f.num_embeddings) for f in fields] for t in tasks}
     # click crosses the two largest-but-one fields, conversion the third largest with the same
     # second field: a shared item-like field and task-specific partners.
-    pairs = {tasks[0]: (len(fields) - 2, len(fields) - 4), tasks[1]: (len(fields) - 3, len(fields) - 4)}
+    pairs = {
+        tasks[0]: (len(fields) - 2, len(fields) - 4),
+        tasks[1]: (len(fields) - 3, len(fields) - 4),
+    }
     crosses = {
-        t: (rng.normal(0.0, labels.cross_std, (fields[a].num_embeddings, labels.rank)),
-            rng.normal(0.0, labels.cross_std, (fields[b].num_embeddings, labels.rank)))
+        t: (
+            rng.normal(0.0, labels.cross_std, (fields[a].num_embeddings, labels.rank)),
+            rng.normal(0.0, labels.cross_std, (fields[b].num_embeddings, labels.rank)),
+        )
         for t, (a, b) in pairs.items()
     }
     bias = {tasks[0]: labels.click_bias, tasks[1]: labels.conversion_bias}
@@ -273,7 +289,9 @@ def write_planted_dataset(
             prob[t] = 1.0 / (1.0 + np.exp(-logit))
         click = rng.random(n) < prob[tasks[0]]
         conversion = click & (rng.random(n) < prob[tasks[1]])
-        columns: Dict[str, pa.Array] = {SAMPLE_ID_COLUMN: pa.array(np.arange(start, start + n, dtype=np.int64))}
+        columns: Dict[str, pa.Array] = {
+            SAMPLE_ID_COLUMN: pa.array(np.arange(start, start + n, dtype=np.int64))
+        }
         offsets = pa.array(np.arange(n + 1, dtype=np.int32))
         for f, values in zip(fields, ids):
             columns[f.name] = pa.ListArray.from_arrays(offsets, pa.array(values))
@@ -285,18 +303,26 @@ def write_planted_dataset(
         truth = {tasks[0]: prob[tasks[0]], tasks[1]: prob[tasks[0]] * prob[tasks[1]]}
         observed = {tasks[0]: click, tasks[1]: conversion}
         oracle[split] = {
-            t: float(binary_auc(torch.from_numpy(truth[t]), torch.from_numpy(observed[t].astype(np.float32))))
+            t: float(
+                binary_auc(
+                    torch.from_numpy(truth[t]), torch.from_numpy(observed[t].astype(np.float32))
+                )
+            )
             for t in tasks
         }
         start += n
     schema = SchemaSpec(
-        fields=[FieldSpec(name=f.name, num_embeddings=f.num_embeddings, mean_length=1.0, max_length=1)
-                for f in fields],
+        fields=[
+            FieldSpec(name=f.name, num_embeddings=f.num_embeddings, mean_length=1.0, max_length=1)
+            for f in fields
+        ],
         labels=tasks,
         splits=splits,
         id_mapping="hash",
         source_format="benchmark-synthetic-planted",
     )
     schema.save(out)
-    (out / "truth.json").write_text(json.dumps({"oracle_auc": oracle, "labels": asdict(labels)}, indent=1))
+    (out / "truth.json").write_text(
+        json.dumps({"oracle_auc": oracle, "labels": asdict(labels)}, indent=1)
+    )
     return schema

@@ -80,29 +80,52 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}"
+    )
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
     p.add_argument(
-        "--size", choices=sorted(CONFIG_SUFFIX), default="demo", help="configs/<model>_demo.yaml or _aliccp.yaml"
+        "--size",
+        choices=sorted(CONFIG_SUFFIX),
+        default="demo",
+        help="configs/<model>_demo.yaml or _aliccp.yaml",
     )
-    p.add_argument("--batch-size", type=int, help="per-rank batch size (default: the config's data.batch_size)")
+    p.add_argument(
+        "--batch-size", type=int, help="per-rank batch size (default: the config's data.batch_size)"
+    )
     add_timing_arguments(p, warmup=5, window_seconds=5.0, windows=3)
     p.add_argument("--rows", type=int, default=50_000, help="rows of the synthetic training split")
-    p.add_argument("--id-scale", type=float, help="Ali-CCP vocabularies x this (default: demo 0.01, reference 1)")
     p.add_argument(
-        "--history-scale", type=float, help="Ali-CCP history lengths x this (default: demo 0.1, reference 1)"
+        "--id-scale",
+        type=float,
+        help="Ali-CCP vocabularies x this (default: demo 0.01, reference 1)",
     )
-    p.add_argument("--ids", choices=("uniform", "zipf"), default="zipf", help="id distribution in each table")
-    p.add_argument("--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data"),
-                   help="cache directory of the synthetic datasets")
-    p.add_argument("--dataset", metavar="DIR",
-                   help="train on this dtn-prepare dataset instead of a synthetic one (the reference reads "
-                        "its whole train split into memory)")
+    p.add_argument(
+        "--history-scale",
+        type=float,
+        help="Ali-CCP history lengths x this (default: demo 0.1, reference 1)",
+    )
+    p.add_argument(
+        "--ids", choices=("uniform", "zipf"), default="zipf", help="id distribution in each table"
+    )
+    p.add_argument(
+        "--data",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data"),
+        help="cache directory of the synthetic datasets",
+    )
+    p.add_argument(
+        "--dataset",
+        metavar="DIR",
+        help="train on this dtn-prepare dataset instead of a synthetic one (the reference reads "
+        "its whole train split into memory)",
+    )
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per measurement")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument(
-        "--smoke", action="store_true", help="tiny data and steps: checks the script runs, measures nothing"
+        "--smoke",
+        action="store_true",
+        help="tiny data and steps: checks the script runs, measures nothing",
     )
     return p
 
@@ -111,11 +134,15 @@ def _names(text: str, allowed: Sequence[str], flag: str) -> List[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in allowed]
     if not names or unknown:
-        raise SystemExit(f"{flag}: expected a comma-separated subset of {list(allowed)}, got {text!r}")
+        raise SystemExit(
+            f"{flag}: expected a comma-separated subset of {list(allowed)}, got {text!r}"
+        )
     return names
 
 
-def embedding_bytes_per_sample(model_config: ModelConfig, schema: SchemaSpec, optimizer: str) -> float:
+def embedding_bytes_per_sample(
+    model_config: ModelConfig, schema: SchemaSpec, optimizer: str
+) -> float:
     """Embedding memory traffic of one training sample: every looked-up row read in forward,
     then read and written with its optimiser state by the fused update (fp32)."""
     model = build_model(model_config, schema, device=torch.device("meta"))
@@ -123,14 +150,19 @@ def embedding_bytes_per_sample(model_config: ModelConfig, schema: SchemaSpec, op
     total = 0.0
     for table in find_embedding_tables(model, embedding_sharders()):
         per_row = sum(ids.get(f, 1.0) for f in table.feature_names)
-        total += per_row * (4 * table.embedding_dim + update_bytes_per_id(optimizer, table.embedding_dim))
+        total += per_row * (
+            4 * table.embedding_dim + update_bytes_per_id(optimizer, table.embedding_dim)
+        )
     return total
 
 
 def model_layer_shapes(model_config: ModelConfig, schema: SchemaSpec) -> List[tuple]:
     """``(in, out)`` of the model's dense layers (built on CPU over 2-row tables)."""
     tiny = dataclasses.replace(
-        schema, fields=[dataclasses.replace(f, num_embeddings=min(f.num_embeddings, 2)) for f in schema.fields]
+        schema,
+        fields=[
+            dataclasses.replace(f, num_embeddings=min(f.num_embeddings, 2)) for f in schema.fields
+        ],
     )
     return linear_shapes(build_model(model_config, tiny, device=torch.device("cpu")).dense_arch)
 
@@ -172,10 +204,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = schema.splits["train"].rows
     else:
         fields = aliccp_like_fields(id_scale, history_scale)
-        data = cached_dataset(args.data, f"aliccp-like-{args.size}", fields, rows, seed=0, ids=args.ids)
+        data = cached_dataset(
+            args.data, f"aliccp-like-{args.size}", fields, rows, seed=0, ids=args.ids
+        )
         schema = SchemaSpec.load(data)
-    print(f"[throughput] data {data}: {rows:,} rows, {len(schema.fields)} fields, "
-          f"{sum(f.num_embeddings for f in schema.fields):,} table rows", file=sys.stderr, flush=True)
+    print(
+        f"[throughput] data {data}: {rows:,} rows, {len(schema.fields)} fields, "
+        f"{sum(f.num_embeddings for f in schema.fields):,} table rows",
+        file=sys.stderr,
+        flush=True,
+    )
 
     configs = {m: str(REPO / "configs" / f"{m}_{CONFIG_SUFFIX[args.size]}.yaml") for m in models}
     loaded = {m: load_run_config(path) for m, path in configs.items()}
@@ -194,11 +232,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Ceilings with one rank's threads, measured here before the ranks start.
             torch.set_num_threads(threads)
             if threads not in ceilings:
-                ceilings[threads] = measure_roofline(*ROOFLINE_PROBES["smoke" if args.smoke else "full"])
+                ceilings[threads] = measure_roofline(
+                    *ROOFLINE_PROBES["smoke" if args.smoke else "full"]
+                )
             gemm_ceiling = model_gemm_flops_per_s(batch, layers)
-            run = TrainRun(config=configs[name], overrides=(), data=str(data), batch_size=batch, timing=timing)
+            run = TrainRun(
+                config=configs[name], overrides=(), data=str(data), batch_size=batch, timing=timing
+            )
             ours = combine_ranks(run_ranks(ours_rank, world, threads, args.timeout, run=run))
-            reference = combine_ranks(run_ranks(reference_rank, world, threads, args.timeout, run=run))
+            reference = combine_ranks(
+                run_ranks(reference_rank, world, threads, args.timeout, run=run)
+            )
             result = {
                 "model": name,
                 "ranks": world,
@@ -215,49 +259,107 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             }
             result.update(roofline_row(result, ceilings[threads]))
             results.append(result)
-            print(f"[throughput] {name} x{world}: ours {ours['samples_per_s']:,.0f}/s, reference "
-                  f"{reference['samples_per_s']:,.0f}/s, ratio {result['ratio']:.2f}", file=sys.stderr, flush=True)
+            print(
+                f"[throughput] {name} x{world}: ours {ours['samples_per_s']:,.0f}/s, reference "
+                f"{reference['samples_per_s']:,.0f}/s, ratio {result['ratio']:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    print(format_table(
-        ("model", "ranks", "ours samples/s", "(min-max)", "reference samples/s", "(min-max)", "ours/ref",
-         "other CPU (cores, max)", "conditions"),
-        [(r["model"], r["ranks"], f"{r['ours']['samples_per_s']:,.0f}", rate_spread(r["ours"]),
-          f"{r['reference']['samples_per_s']:,.0f}", rate_spread(r["reference"]), f"{r['ratio']:.2f}",
-          f"{max(r['ours']['max_other_cpu_cores'], r['reference']['max_other_cpu_cores']):.2f}",
-          contention_mark(r["contended"])) for r in results],
-    ))
+    print(
+        format_table(
+            (
+                "model",
+                "ranks",
+                "ours samples/s",
+                "(min-max)",
+                "reference samples/s",
+                "(min-max)",
+                "ours/ref",
+                "other CPU (cores, max)",
+                "conditions",
+            ),
+            [
+                (
+                    r["model"],
+                    r["ranks"],
+                    f"{r['ours']['samples_per_s']:,.0f}",
+                    rate_spread(r["ours"]),
+                    f"{r['reference']['samples_per_s']:,.0f}",
+                    rate_spread(r["reference"]),
+                    f"{r['ratio']:.2f}",
+                    f"{max(r['ours']['max_other_cpu_cores'], r['reference']['max_other_cpu_cores']):.2f}",
+                    contention_mark(r["contended"]),
+                )
+                for r in results
+            ],
+        )
+    )
     print()
     for threads, roofline in sorted(ceilings.items()):
-        print(f"roofline with {threads} thread(s): GEMM peak fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, "
-              f"bf16 {roofline.gemm_peak_bf16_flops / 1e9:,.1f} GFLOP/s (square, best window; "
-              f"{contention_mark(roofline.contended)}), copy bandwidth {roofline.copy_bandwidth / 1e9:,.1f} GB/s")
-    print(format_table(
-        ("model", "ranks", "train MFLOP/sample", "GFLOP/s per rank", "x fp32 peak", "x bf16 peak",
-         "model GEMM GFLOP/s",
-         "% model GEMM", "emb KB/sample", "emb GB/s per rank", "% copy bw"),
-        [(r["model"], r["ranks"], f"{r['train_flops_per_sample'] / 1e6:,.2f}",
-          f"{r['achieved_dense_flops_per_rank'] / 1e9:,.2f}", f"{r['fraction_of_gemm_peak']:.2f}",
-          f"{r['fraction_of_bf16_gemm_peak']:.2f}",
-          f"{r['model_shape_gemm_flops'] / 1e9:,.1f}", f"{100 * r['fraction_of_model_shape_gemm']:.1f}",
-          f"{r['embedding_bytes_per_sample'] / 1e3:,.1f}", f"{r['embedding_bytes_per_s_per_rank'] / 1e9:,.2f}",
-          f"{100 * r['fraction_of_copy_bandwidth']:.1f}") for r in results],
-    ))
+        print(
+            f"roofline with {threads} thread(s): GEMM peak fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, "
+            f"bf16 {roofline.gemm_peak_bf16_flops / 1e9:,.1f} GFLOP/s (square, best window; "
+            f"{contention_mark(roofline.contended)}), copy bandwidth {roofline.copy_bandwidth / 1e9:,.1f} GB/s"
+        )
+    print(
+        format_table(
+            (
+                "model",
+                "ranks",
+                "train MFLOP/sample",
+                "GFLOP/s per rank",
+                "x fp32 peak",
+                "x bf16 peak",
+                "model GEMM GFLOP/s",
+                "% model GEMM",
+                "emb KB/sample",
+                "emb GB/s per rank",
+                "% copy bw",
+            ),
+            [
+                (
+                    r["model"],
+                    r["ranks"],
+                    f"{r['train_flops_per_sample'] / 1e6:,.2f}",
+                    f"{r['achieved_dense_flops_per_rank'] / 1e9:,.2f}",
+                    f"{r['fraction_of_gemm_peak']:.2f}",
+                    f"{r['fraction_of_bf16_gemm_peak']:.2f}",
+                    f"{r['model_shape_gemm_flops'] / 1e9:,.1f}",
+                    f"{100 * r['fraction_of_model_shape_gemm']:.1f}",
+                    f"{r['embedding_bytes_per_sample'] / 1e3:,.1f}",
+                    f"{r['embedding_bytes_per_s_per_rank'] / 1e9:,.2f}",
+                    f"{100 * r['fraction_of_copy_bandwidth']:.1f}",
+                )
+                for r in results
+            ],
+        )
+    )
     contended = any(r["contended"] for r in results) or any(c.contended for c in ceilings.values())
     if args.out:
-        write_json_atomic(args.out, {
-            "benchmark": "throughput",
-            "machine": machine_info(),
-            "args": vars(args),
-            "data": {"path": str(data), "rows": rows, "synthetic": not args.dataset, "id_scale": id_scale,
-                     "history_scale": history_scale, "ids": args.ids,
-                     "table_rows": sum(f.num_embeddings for f in schema.fields),
-                     "ids_per_row": sum(f.mean_length for f in schema.fields)},
-            "timing": dataclasses.asdict(timing),
-            "roofline": {str(t): dataclasses.asdict(r) for t, r in sorted(ceilings.items())},
-            "idle_probe_other_cpu_cores": idle_probe,
-            "contended": contended,
-            "results": results,
-        })
+        write_json_atomic(
+            args.out,
+            {
+                "benchmark": "throughput",
+                "machine": machine_info(),
+                "args": vars(args),
+                "data": {
+                    "path": str(data),
+                    "rows": rows,
+                    "synthetic": not args.dataset,
+                    "id_scale": id_scale,
+                    "history_scale": history_scale,
+                    "ids": args.ids,
+                    "table_rows": sum(f.num_embeddings for f in schema.fields),
+                    "ids_per_row": sum(f.mean_length for f in schema.fields),
+                },
+                "timing": dataclasses.asdict(timing),
+                "roofline": {str(t): dataclasses.asdict(r) for t, r in sorted(ceilings.items())},
+                "idle_probe_other_cpu_cores": idle_probe,
+                "contended": contended,
+                "results": results,
+            },
+        )
     return strict_status(contended, args.strict)
 
 

@@ -64,30 +64,54 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    p.add_argument("--scales", default="1,10,100,1000", help="table multipliers (default 1,10,100,1000)")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}"
+    )
+    p.add_argument(
+        "--scales", default="1,10,100,1000", help="table multipliers (default 1,10,100,1000)"
+    )
     p.add_argument("--ranks", type=int, default=2, help="ranks of every run (default 2)")
     p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size")
-    p.add_argument("--largest", type=int, default=LARGEST, help="largest x1 vocabulary (default 100,000)")
+    p.add_argument(
+        "--largest", type=int, default=LARGEST, help="largest x1 vocabulary (default 100,000)"
+    )
     p.add_argument("--embedding-dim", type=int, default=16)
     add_timing_arguments(p, warmup=3, window_seconds=5.0, windows=3)
     p.add_argument("--rows", type=int, default=50_000, help="rows of each synthetic training split")
     p.add_argument("--ids", choices=("uniform", "zipf"), default="zipf")
-    p.add_argument("--sharding", default="row_wise",
-                   help="sharding type of every table for ours, or 'planner' for the planner's choice")
+    p.add_argument(
+        "--sharding",
+        default="row_wise",
+        help="sharding type of every table for ours, or 'planner' for the planner's choice",
+    )
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", help="ours' fused optimiser")
-    p.add_argument("--fp16-from-scale", type=int, default=1000, help="ours keeps tables in fp16 from this scale on")
-    p.add_argument("--memory-budget-gb", type=float, default=24.0,
-                   help="do not start a run whose estimated memory (all ranks) exceeds this")
-    p.add_argument("--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data"))
+    p.add_argument(
+        "--fp16-from-scale",
+        type=int,
+        default=1000,
+        help="ours keeps tables in fp16 from this scale on",
+    )
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=24.0,
+        help="do not start a run whose estimated memory (all ranks) exceeds this",
+    )
+    p.add_argument(
+        "--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dtn-bench-data")
+    )
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measurement")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--smoke", action="store_true", help="tiny scales, data and steps: checks the script runs")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny scales, data and steps: checks the script runs"
+    )
     return p
 
 
-def estimated_memory(cfg: RunConfig, schema: SchemaSpec, ranks: int, *, ours: bool, precision: str) -> float:
+def estimated_memory(
+    cfg: RunConfig, schema: SchemaSpec, ranks: int, *, ours: bool, precision: str
+) -> float:
     """Bytes the run needs over all ranks, counting parameters and optimiser state only.
 
     Reference: every rank holds fp32 weights, gradients, two Adam moments and Adam's
@@ -146,9 +170,21 @@ def targets(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for model in sorted({r["model"] for r in results}):
         x1, x100 = ours(model, 1), ours(model, 100)
         kept = x100 / x1 if x1 and x100 else None
-        found.append({"target": f"{model} ours x100 >= 70% of ours x1", "value": kept, "met": _met(kept, 0.7)})
+        found.append(
+            {
+                "target": f"{model} ours x100 >= 70% of ours x1",
+                "value": kept,
+                "met": _met(kept, 0.7),
+            }
+        )
         x1000 = ours(model, 1000)
-        found.append({"target": f"{model} ours x1000 trains", "value": x1000, "met": _met(x1000, 0.0, strict=True)})
+        found.append(
+            {
+                "target": f"{model} ours x1000 trains",
+                "value": x1000,
+                "met": _met(x1000, 0.0, strict=True),
+            }
+        )
     return found
 
 
@@ -166,7 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     idle_probe = refuse_if_busy(args.strict)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
     torch.set_num_threads(threads)
-    roofline = measure_roofline(*((256, 16 * 2**20, 0.1) if args.smoke else (2048, 256 * 2**20, 2.0)))
+    roofline = measure_roofline(
+        *((256, 16 * 2**20, 0.1) if args.smoke else (2048, 256 * 2**20, 2.0))
+    )
     sharding = None if args.sharding == "planner" else (args.sharding,)
     budget = args.memory_budget_gb * GIB
     overrides = (
@@ -183,64 +221,137 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         precision = "fp16" if scale >= args.fp16_from_scale else "fp32"
         for name in models:
             config = str(REPO / "configs" / f"{name}_demo.yaml")
-            run = TrainRun(config=config, overrides=overrides, data=str(data), batch_size=batch, timing=timing,
-                           sharding_types=sharding, table_precision=precision)
+            run = TrainRun(
+                config=config,
+                overrides=overrides,
+                data=str(data),
+                batch_size=batch,
+                timing=timing,
+                sharding_types=sharding,
+                table_precision=precision,
+            )
             run_cfg, _ = run.load()
-            need_ours = estimated_memory(run_cfg, schema, args.ranks, ours=True, precision=precision)
+            need_ours = estimated_memory(
+                run_cfg, schema, args.ranks, ours=True, precision=precision
+            )
             need_ref = estimated_memory(run_cfg, schema, args.ranks, ours=False, precision="fp32")
-            record: Dict[str, Any] = {"model": name, "scale": scale, "table_rows": table_rows, "ranks": args.ranks,
-                                      "threads_per_rank": threads, "table_precision": precision,
-                                      "estimated_bytes": {"ours": need_ours, "reference": need_ref}}
-            for side, need, fn in (("ours", need_ours, ours_rank), ("reference", need_ref, reference_rank)):
+            record: Dict[str, Any] = {
+                "model": name,
+                "scale": scale,
+                "table_rows": table_rows,
+                "ranks": args.ranks,
+                "threads_per_rank": threads,
+                "table_precision": precision,
+                "estimated_bytes": {"ours": need_ours, "reference": need_ref},
+            }
+            for side, need, fn in (
+                ("ours", need_ours, ours_rank),
+                ("reference", need_ref, reference_rank),
+            ):
                 if need > budget:
-                    record[side] = _skip(f"estimated {need / GIB:,.1f} GiB > budget {args.memory_budget_gb:g} GiB")
+                    record[side] = _skip(
+                        f"estimated {need / GIB:,.1f} GiB > budget {args.memory_budget_gb:g} GiB"
+                    )
                 else:
-                    record[side] = combine_ranks(run_ranks(fn, args.ranks, threads, args.timeout, run=run))
-            ours_rate, ref_rate = record["ours"]["samples_per_s"], record["reference"]["samples_per_s"]
+                    record[side] = combine_ranks(
+                        run_ranks(fn, args.ranks, threads, args.timeout, run=run)
+                    )
+            ours_rate, ref_rate = (
+                record["ours"]["samples_per_s"],
+                record["reference"]["samples_per_s"],
+            )
             record["ratio"] = ours_rate / ref_rate if ours_rate and ref_rate else None
-            record["contended"] = any(record[side].get("contended", False) for side in ("ours", "reference"))
+            record["contended"] = any(
+                record[side].get("contended", False) for side in ("ours", "reference")
+            )
             results.append(record)
-            print(f"[vocab] {name} x{scale}: ours {_rate(record['ours'])}/s, reference {_rate(record['reference'])}/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[vocab] {name} x{scale}: ours {_rate(record['ours'])}/s, reference {_rate(record['reference'])}/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    print(format_table(
-        ("model", "scale", "table rows", "ours samples/s", "(min-max)", "ours peak GiB/rank", "reference samples/s",
-         "(min-max)", "reference peak GiB/rank", "ours/ref", "conditions"),
-        [(r["model"], f"x{r['scale']}", f"{r['table_rows']:,}", _rate(r["ours"]), rate_spread(r["ours"]),
-          _peak(r["ours"]),
-          _rate(r["reference"]) if "skipped" not in r["reference"] else "not run: " + r["reference"]["skipped"],
-          rate_spread(r["reference"]), _peak(r["reference"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}",
-          contention_mark(r["contended"])) for r in results],
-        left=2,
-    ))
+    print(
+        format_table(
+            (
+                "model",
+                "scale",
+                "table rows",
+                "ours samples/s",
+                "(min-max)",
+                "ours peak GiB/rank",
+                "reference samples/s",
+                "(min-max)",
+                "reference peak GiB/rank",
+                "ours/ref",
+                "conditions",
+            ),
+            [
+                (
+                    r["model"],
+                    f"x{r['scale']}",
+                    f"{r['table_rows']:,}",
+                    _rate(r["ours"]),
+                    rate_spread(r["ours"]),
+                    _peak(r["ours"]),
+                    _rate(r["reference"])
+                    if "skipped" not in r["reference"]
+                    else "not run: " + r["reference"]["skipped"],
+                    rate_spread(r["reference"]),
+                    _peak(r["reference"]),
+                    "-" if r["ratio"] is None else f"{r['ratio']:.2f}",
+                    contention_mark(r["contended"]),
+                )
+                for r in results
+            ],
+            left=2,
+        )
+    )
     largest = {}
     for r in results:
         if r["reference"]["samples_per_s"] is not None:
             largest[r["model"]] = max(largest.get(r["model"], 0), r["scale"])
     for model in models:
-        print(f"reference, largest scale that ran for {model}: "
-              f"{'x' + str(largest[model]) if model in largest else 'none'}")
+        print(
+            f"reference, largest scale that ran for {model}: "
+            f"{'x' + str(largest[model]) if model in largest else 'none'}"
+        )
     found = targets(results)
     print()
-    print(format_table(("target", "value", "met"),
-                       [(t["target"], "-" if t["value"] is None else f"{t['value']:,.2f}",
-                         {True: "yes", False: "no", None: "not measured"}[t["met"]]) for t in found]))
-    print(f"GEMM peak with {threads} thread(s): fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, bf16 "
-          f"{roofline.gemm_peak_bf16_flops / 1e9:,.1f} GFLOP/s ({contention_mark(roofline.contended)})")
+    print(
+        format_table(
+            ("target", "value", "met"),
+            [
+                (
+                    t["target"],
+                    "-" if t["value"] is None else f"{t['value']:,.2f}",
+                    {True: "yes", False: "no", None: "not measured"}[t["met"]],
+                )
+                for t in found
+            ],
+        )
+    )
+    print(
+        f"GEMM peak with {threads} thread(s): fp32 {roofline.gemm_peak_flops / 1e9:,.1f}, bf16 "
+        f"{roofline.gemm_peak_bf16_flops / 1e9:,.1f} GFLOP/s ({contention_mark(roofline.contended)})"
+    )
     contended = roofline.contended or any(r["contended"] for r in results)
     if args.out:
-        write_json_atomic(args.out, {
-            "benchmark": "vocab_scaling",
-            "machine": machine_info(),
-            "args": vars(args),
-            "timing": dataclasses.asdict(timing),
-            "roofline": dataclasses.asdict(roofline),
-            "idle_probe_other_cpu_cores": idle_probe,
-            "contended": contended,
-            "results": results,
-            "reference_largest_scale": largest,
-            "targets": found,
-        })
+        write_json_atomic(
+            args.out,
+            {
+                "benchmark": "vocab_scaling",
+                "machine": machine_info(),
+                "args": vars(args),
+                "timing": dataclasses.asdict(timing),
+                "roofline": dataclasses.asdict(roofline),
+                "idle_probe_other_cpu_cores": idle_probe,
+                "contended": contended,
+                "results": results,
+                "reference_largest_scale": largest,
+                "targets": found,
+            },
+        )
     return strict_status(contended, args.strict)
 
 

@@ -22,12 +22,19 @@ def _rows(truth: Mapping, runs: Mapping[str, Mapping]) -> List[Tuple[str, Option
     """(label, oracle AUC, [model AUC per run]) per task, plus conversion on clicked rows."""
     oracle = truth["oracle_auc"][SPLIT]
     tasks = list(next(iter(runs.values()))[SPLIT])
-    rows = [(task, oracle.get(task), [r[SPLIT][task].get("auc") for r in runs.values()])
-            for task in tasks]
+    rows = [
+        (task, oracle.get(task), [r[SPLIT][task].get("auc") for r in runs.values()])
+        for task in tasks
+    ]
     if any("cvr_auc" in r[SPLIT].get("conversion", {}) for r in runs.values()):
         given_click = truth.get("oracle_auc_conversion_given_click", {}).get(SPLIT)
-        rows.append(("conversion | click", given_click,
-                     [r[SPLIT].get("conversion", {}).get("cvr_auc") for r in runs.values()]))
+        rows.append(
+            (
+                "conversion | click",
+                given_click,
+                [r[SPLIT].get("conversion", {}).get("cvr_auc") for r in runs.values()],
+            )
+        )
     return rows
 
 
@@ -62,8 +69,9 @@ def report(truth: Mapping, runs: Mapping[str, Mapping]) -> str:
     for summary in runs.values():
         rate = summary.get("throughput", {}).get("samples_per_s")
         rates.append("n/a" if rate is None else f"{rate:,.0f}")
-    out.append(line(f"samples/s ({next(iter(runs.values())).get('world_size', '?')} ranks)",
-                    ["", *rates]))
+    out.append(
+        line(f"samples/s ({next(iter(runs.values())).get('world_size', '?')} ranks)", ["", *rates])
+    )
     out.append(line("reported step", ["", *(_selected(s) for s in runs.values())]))
     return "\n".join(out)
 

@@ -12,8 +12,9 @@ from typing import Iterator, List
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from dtn_torchrec.distributed.launch import DEVICE_ENV
+from dtn_torchrec.distributed.launch import DEVICE_ENV, DistributedContext, init_distributed
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,6 +23,15 @@ def cpu_device() -> Iterator[str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(DEVICE_ENV, "cpu")
         yield "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_rank(cpu_device: str) -> Iterator[DistributedContext]:
+    """A one-rank gloo process group for the module's tests (DMP and checkpoints are collective)."""
+    assert not dist.is_initialized(), "another test left a process group behind"
+    ctx = init_distributed()
+    yield ctx
+    dist.destroy_process_group()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

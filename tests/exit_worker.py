@@ -7,8 +7,8 @@ Run under ``torchrun`` (any number of ranks) or alone (one rank).
 from __future__ import annotations
 
 import torch
-
 from toy_model import ToyModel, ToyTrain, make_batch
+
 from dtn_torchrec.distributed.config import (
     DenseOptimizerConfig,
     ShardingConfig,

@@ -7,9 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-import pytest
 import torch
-import torch.distributed as dist
 import yaml
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -18,7 +16,6 @@ from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec
 from dtn_torchrec.data.synth import SynthConfig, generate
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
-from dtn_torchrec.distributed.launch import DistributedContext, init_distributed
 from dtn_torchrec.models.model import MultiTaskModel
 from dtn_torchrec.serving.loading import InferenceModel
 
@@ -31,10 +28,21 @@ TINY_DTN: Dict[str, Any] = {
     "tower": {"hidden_dims": [8]},
     "dtn": {
         "methods": [
-            {"kind": "masknet", "output_dim": 8, "num_mask_blocks": 1, "mask_hidden_dim": 8,
-             "mask_block_dim": 8, "mlp_dims": [8]},
-            {"kind": "memonet", "output_dim": 8, "num_buckets": 64, "num_hash": 2,
-             "fields": ["121", "125", "206", "216"]},
+            {
+                "kind": "masknet",
+                "output_dim": 8,
+                "num_mask_blocks": 1,
+                "mask_hidden_dim": 8,
+                "mask_block_dim": 8,
+                "mlp_dims": [8],
+            },
+            {
+                "kind": "memonet",
+                "output_dim": 8,
+                "num_buckets": 64,
+                "num_hash": 2,
+                "fields": ["121", "125", "206", "216"],
+            },
             {"kind": "gdcn", "output_dim": 8, "num_cross_layers": 1},
         ]
     },
@@ -47,12 +55,20 @@ def run_config(
     """A complete run config (the shape of ``configs/*.yaml``) as a dict."""
     return {
         "seed": 1,
-        "data": {"path": str(data), "batch_size": 64, "eval_batch_size": 128, "shuffle_buffer_rows": 256,
-                 **data_keys},
+        "data": {
+            "path": str(data),
+            "batch_size": 64,
+            "eval_batch_size": 128,
+            "shuffle_buffer_rows": 256,
+            **data_keys,
+        },
         "model": copy.deepcopy(model or TINY_DTN),
-        "train": {"epochs": 1, "log_every_steps": 2,
-                  "dense_optimizer": {"name": "adam", "lr": 3.0e-3},
-                  "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05}},
+        "train": {
+            "epochs": 1,
+            "log_every_steps": 2,
+            "dense_optimizer": {"name": "adam", "lr": 3.0e-3},
+            "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
+        },
         "output": {"dir": str(out), "tensorboard": False},
     }
 
@@ -62,20 +78,39 @@ def write_config(path: Path, config: Dict[str, Any]) -> Path:
     return path
 
 
-def make_dataset(root: Path, *, train_rows: int = 900, test_rows: int = 300, seed: int = 20240,
-                 **prepare: Any) -> Path:
+def make_dataset(
+    root: Path, *, train_rows: int = 900, test_rows: int = 300, seed: int = 20240, **prepare: Any
+) -> Path:
     """``dtn-synth`` raw files under ``root/raw`` prepared into ``root/data`` (returned)."""
-    generate(SynthConfig(train_rows=train_rows, test_rows=test_rows, seed=seed, id_scale=0.001,
-                         history_scale=0.05, rows_per_user=5, ctr=0.3, cvr=0.5), root / "raw")
-    prepare_dataset("aliccp-raw", root / "raw", root / "data", PrepareOptions(progress=False, **prepare))
+    generate(
+        SynthConfig(
+            train_rows=train_rows,
+            test_rows=test_rows,
+            seed=seed,
+            id_scale=0.001,
+            history_scale=0.05,
+            rows_per_user=5,
+            ctr=0.3,
+            cvr=0.5,
+        ),
+        root / "raw",
+    )
+    prepare_dataset(
+        "aliccp-raw", root / "raw", root / "data", PrepareOptions(progress=False, **prepare)
+    )
     return root / "data"
 
 
 def toy_schema() -> SchemaSpec:
     """Ali-CCP-like fields (MemoNet's crossed fields among them) for models built without data."""
-    fields = [FieldSpec("101", 40, max_length=1), FieldSpec("109_14", 30, max_length=6),
-              FieldSpec("121", 20, max_length=1), FieldSpec("125", 8, max_length=1),
-              FieldSpec("206", 50, max_length=1), FieldSpec("216", 25, max_length=1)]
+    fields = [
+        FieldSpec("101", 40, max_length=1),
+        FieldSpec("109_14", 30, max_length=6),
+        FieldSpec("121", 20, max_length=1),
+        FieldSpec("125", 8, max_length=1),
+        FieldSpec("206", 50, max_length=1),
+        FieldSpec("216", 25, max_length=1),
+    ]
     return SchemaSpec(fields=fields, labels=["click", "conversion"])
 
 
@@ -119,12 +154,3 @@ def train_steps(model: MultiTaskModel, batches: Iterator, lr: float) -> None:
         loss.backward()
         optimizer.step()
     model.eval()
-
-
-@pytest.fixture(scope="module")
-def one_rank() -> Iterator[DistributedContext]:
-    """A one-rank gloo process group for this test module (checkpoints are collective)."""
-    assert not dist.is_initialized(), "another test left a process group behind"
-    ctx = init_distributed()
-    yield ctx
-    dist.destroy_process_group()

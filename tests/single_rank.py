@@ -6,23 +6,21 @@ processes (a world of one still runs the sharded modules' input / output dists).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
-import pytest
 import torch
-import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec
+from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
 from dtn_torchrec.distributed.config import (
     DenseOptimizerConfig,
     ShardingConfig,
     SparseOptimizerConfig,
 )
-from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
 from dtn_torchrec.distributed.optimizers import build_dense_optimizer
 from dtn_torchrec.models.config import model_config_from_dict
 
@@ -59,18 +57,6 @@ def model_section(name: str) -> Dict[str, Any]:
             "tsn": {"conversion": ["click"]},
         }
     return raw
-
-
-@pytest.fixture(scope="module")
-def one_rank_group() -> Iterator[None]:
-    """A world of one gloo rank for the module's tests, destroyed afterwards."""
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def sharded_train_model(

@@ -31,9 +31,23 @@ REPO = Path(__file__).resolve().parent.parent
 def _run(module: str, tmp_path: Path, *args: str) -> Dict[str, Any]:
     out = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--threads", "1", "--data",
-         str(tmp_path / "data"), "--out", str(out), *args],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            f"benchmarks.{module}",
+            "--smoke",
+            "--threads",
+            "1",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -46,10 +60,14 @@ def _check_measurement(record: Dict[str, Any], ranks: int, windows: int) -> None
     for rank in record["ranks"]:
         assert len(rank["windows"]) == windows and all(w > 0 for w in rank["windows"])
         assert rank["samples_per_s"] == statistics.median(rank["windows"])
-        assert len(rank["other_cpu_cores"]) == windows and all(c >= 0 for c in rank["other_cpu_cores"])
+        assert len(rank["other_cpu_cores"]) == windows and all(
+            c >= 0 for c in rank["other_cpu_cores"]
+        )
         assert rank["contended"] == is_contended(rank["other_cpu_cores"])
         assert rank["peak_rss_bytes"] > 0
-    assert record["samples_per_s"] == pytest.approx(sum(r["samples_per_s"] for r in record["ranks"]))
+    assert record["samples_per_s"] == pytest.approx(
+        sum(r["samples_per_s"] for r in record["ranks"])
+    )
     assert record["min_samples_per_s"] <= record["max_samples_per_s"]
     assert record["contended"] == any(r["contended"] for r in record["ranks"])
     assert record["peak_rss_bytes_per_rank"] == [r["peak_rss_bytes"] for r in record["ranks"]]
@@ -58,7 +76,11 @@ def _check_measurement(record: Dict[str, Any], ranks: int, windows: int) -> None
 def _check_throughput(result: Dict[str, Any], ranks: int, models: List[str]) -> None:
     assert result["benchmark"] == "throughput"
     assert set(result["roofline"]["1"]) == {
-        "gemm_peak_flops", "gemm_peak_bf16_flops", "copy_bandwidth", "threads", "gemm_windows"
+        "gemm_peak_flops",
+        "gemm_peak_bf16_flops",
+        "copy_bandwidth",
+        "threads",
+        "gemm_windows",
     }
     for dtype in ("fp32", "bf16"):
         peak = result["roofline"]["1"]["gemm_windows"][dtype]
@@ -72,10 +94,14 @@ def _check_throughput(result: Dict[str, Any], ranks: int, models: List[str]) -> 
         assert r["ranks"] == ranks
         _check_measurement(r["ours"], ranks, windows=3)
         _check_measurement(r["reference"], ranks, windows=3)
-        assert r["ratio"] == pytest.approx(r["ours"]["samples_per_s"] / r["reference"]["samples_per_s"])
+        assert r["ratio"] == pytest.approx(
+            r["ours"]["samples_per_s"] / r["reference"]["samples_per_s"]
+        )
         assert r["train_flops_per_sample"] > 0 and r["embedding_bytes_per_sample"] > 0
         per_rank = r["ours"]["samples_per_s"] / ranks
-        assert r["achieved_dense_flops_per_rank"] == pytest.approx(r["train_flops_per_sample"] * per_rank)
+        assert r["achieved_dense_flops_per_rank"] == pytest.approx(
+            r["train_flops_per_sample"] * per_rank
+        )
         roofline = result["roofline"]["1"]
         assert r["fraction_of_gemm_peak"] == pytest.approx(
             r["achieved_dense_flops_per_rank"] / roofline["gemm_peak_flops"]
@@ -93,18 +119,24 @@ def test_throughput_smoke_one_rank(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_throughput_smoke_two_ranks(tmp_path: Path) -> None:
     models = ["shared_bottom", "ple", "dtn"]
-    _check_throughput(_run("throughput", tmp_path, "--models", ",".join(models), "--ranks", "2"), 2, models)
+    _check_throughput(
+        _run("throughput", tmp_path, "--models", ",".join(models), "--ranks", "2"), 2, models
+    )
 
 
 def _check_vocab(result: Dict[str, Any], ranks: int) -> None:
     assert result["benchmark"] == "vocab_scaling"
     assert [(r["model"], r["scale"]) for r in result["results"]] == [("mmoe", 1), ("mmoe", 10)]
     x1, x10 = result["results"]
-    assert x10["table_rows"] == 10 * x1["table_rows"] - 9 * 20  # 20 fields, each + the reserved id 0
+    assert (
+        x10["table_rows"] == 10 * x1["table_rows"] - 9 * 20
+    )  # 20 fields, each + the reserved id 0
     for r in result["results"]:
         _check_measurement(r["ours"], ranks, windows=3)
         _check_measurement(r["reference"], ranks, windows=3)
-        assert r["ratio"] == pytest.approx(r["ours"]["samples_per_s"] / r["reference"]["samples_per_s"])
+        assert r["ratio"] == pytest.approx(
+            r["ours"]["samples_per_s"] / r["reference"]["samples_per_s"]
+        )
         assert r["estimated_bytes"]["reference"] > r["estimated_bytes"]["ours"]
     assert result["reference_largest_scale"] == {"mmoe": 10}
     found = {t["target"]: t for t in result["targets"]}
@@ -129,7 +161,9 @@ def test_vocab_scaling_smoke_two_ranks_row_wise(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_vocab_scaling_refuses_the_reference_over_budget(tmp_path: Path) -> None:
     # x1 of a 1000-row schema at dim 16: the reference needs ~4 x 74 KB x 4 bytes; 1 KB is too little.
-    result = _run("vocab_scaling", tmp_path, "--models", "mmoe", "--ranks", "1", "--memory-budget-gb", "1e-6")
+    result = _run(
+        "vocab_scaling", tmp_path, "--models", "mmoe", "--ranks", "1", "--memory-budget-gb", "1e-6"
+    )
     for r in result["results"]:
         assert r["ours"]["samples_per_s"] is None and r["reference"]["samples_per_s"] is None
         assert "budget" in r["reference"]["skipped"]
@@ -159,10 +193,20 @@ def test_timed_windows_run_warmup_then_windows_of_at_least_the_given_seconds() -
 
 def test_combine_ranks_sums_rates_and_flags_contention() -> None:
     ranks = [
-        {"samples_per_s": 10.0, "windows": [9.0, 10.0, 12.0], "other_cpu_cores": [0.0, 0.0, 0.0],
-         "contended": False, "peak_rss_bytes": 1},
-        {"samples_per_s": 20.0, "windows": [20.0, 25.0, 19.0], "other_cpu_cores": [0.0, 0.5, 0.0],
-         "contended": True, "peak_rss_bytes": 2},
+        {
+            "samples_per_s": 10.0,
+            "windows": [9.0, 10.0, 12.0],
+            "other_cpu_cores": [0.0, 0.0, 0.0],
+            "contended": False,
+            "peak_rss_bytes": 1,
+        },
+        {
+            "samples_per_s": 20.0,
+            "windows": [20.0, 25.0, 19.0],
+            "other_cpu_cores": [0.0, 0.5, 0.0],
+            "contended": True,
+            "peak_rss_bytes": 2,
+        },
     ]
     combined = combine_ranks(ranks)
     assert combined["samples_per_s"] == 30.0
@@ -204,7 +248,10 @@ def test_update_bytes_per_id() -> None:
 def test_log_spaced_fields() -> None:
     fields = log_spaced_fields(20, 10, 100_000, scale=1000)
     assert len(fields) == 20
-    assert fields[0].num_embeddings == 10 * 1000 + 1 and fields[-1].num_embeddings == 100_000 * 1000 + 1
+    assert (
+        fields[0].num_embeddings == 10 * 1000 + 1
+        and fields[-1].num_embeddings == 100_000 * 1000 + 1
+    )
     sizes = [f.num_embeddings for f in fields]
     assert sizes == sorted(sizes)
 
@@ -236,8 +283,15 @@ def test_reference_tables_pool_like_torchrec(tmp_path: Path) -> None:
     fields = [SyntheticField("a", 30, 1, 3), SyntheticField("b", 20, 0, 4, present=0.7)]
     schema = write_dataset(tmp_path, fields, rows=64, seed=3, ids="uniform")
     ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=4, num_embeddings=f.num_embeddings,
-                                   feature_names=[f.name]) for f in fields],
+        tables=[
+            EmbeddingBagConfig(
+                name=f"t_{f.name}",
+                embedding_dim=4,
+                num_embeddings=f.num_embeddings,
+                feature_names=[f.name],
+            )
+            for f in fields
+        ],
     )
     plain = PlainEmbeddingBags(ebc)
     with torch.no_grad():
@@ -275,9 +329,22 @@ def test_planted_dataset_labels_follow_the_oracle(tmp_path: Path) -> None:
 def test_mmoe_libraries_smoke_runs_dtn_train(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.mmoe_libraries", "--smoke", "--data", str(tmp_path / "data"),
-         "--runs", str(tmp_path / "runs"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.mmoe_libraries",
+            "--smoke",
+            "--data",
+            str(tmp_path / "data"),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -287,8 +354,10 @@ def test_mmoe_libraries_smoke_runs_dtn_train(tmp_path: Path) -> None:
     assert ours["test_auc"] == {t: summary["test"][t]["auc"] for t in ("click", "conversion")}
     assert ours["samples_per_s"] == statistics.median(ours["windows"])
     assert summary["config"]["model"]["mmoe"]["num_experts"] == 4
-    assert result["contended"] == (result["other_cpu_cores_during_run"] > CONTENDED_CORES
-                                   or any(p["contended"] for p in result["roofline"]["gemm_windows"].values()))
+    assert result["contended"] == (
+        result["other_cpu_cores_during_run"] > CONTENDED_CORES
+        or any(p["contended"] for p in result["roofline"]["gemm_windows"].values())
+    )
 
 
 @pytest.mark.slow
@@ -297,10 +366,27 @@ def test_dense_step_smoke_times_every_variant(tmp_path: Path) -> None:
 
     out = tmp_path / "dense.json"
     variants = ["fp32-loop", "fp32-fused", "bf16-fused"]
-    dense_step_main(["--config", str(REPO / "configs" / "mmoe_demo.yaml"), "--smoke", "--batch-size", "64",
-                     "--threads", "1", "--windows", "2", "--variants", ",".join(variants), "--out", str(out)])
+    dense_step_main(
+        [
+            "--config",
+            str(REPO / "configs" / "mmoe_demo.yaml"),
+            "--smoke",
+            "--batch-size",
+            "64",
+            "--threads",
+            "1",
+            "--windows",
+            "2",
+            "--variants",
+            ",".join(variants),
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["results"]] == variants
     for r in result["results"]:
         assert len(r["windows"]) == 2 and r["samples_per_s"] > 0
-        assert r["dense_flops_per_s"] == pytest.approx(3 * result["forward_flops_per_sample"] * r["samples_per_s"])
+        assert r["dense_flops_per_s"] == pytest.approx(
+            3 * result["forward_flops_per_sample"] * r["samples_per_s"]
+        )

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-
 from dist_utils import run_on_ranks
+
 from dtn_torchrec.cli.plan import main as plan_main
 from dtn_torchrec.distributed.build import build_meta_train_model, feature_ids_per_row, plan_for
 from dtn_torchrec.distributed.planning import plan_to_json
@@ -72,10 +72,10 @@ def test_memonet_pairs_are_planned_with_every_pair_and_hash() -> None:
 
 
 def _train_one_step(config: str, overrides: List[str]) -> Dict[str, Any]:
-    from dtn_torchrec.distributed.launch import DistributedContext
     import torch
     import torch.distributed as dist
 
+    from dtn_torchrec.distributed.launch import DistributedContext
     from dtn_torchrec.train.session import PLAN_FILE, run_training
 
     cfg = load_run_config(config, overrides)
@@ -91,8 +91,14 @@ def test_dtn_plan_reports_the_plan_dtn_train_uses(tmp_path: Path) -> None:
     from dtn_torchrec.data.synth import SynthConfig, generate
 
     generate(
-        SynthConfig(train_rows=300, test_rows=100, seed=3, id_scale=0.001, history_scale=0.05,
-                    rows_per_user=5),
+        SynthConfig(
+            train_rows=300,
+            test_rows=100,
+            seed=3,
+            id_scale=0.001,
+            history_scale=0.05,
+            rows_per_user=5,
+        ),
         tmp_path / "raw",
     )
     data = tmp_path / "data"
@@ -100,14 +106,34 @@ def test_dtn_plan_reports_the_plan_dtn_train_uses(tmp_path: Path) -> None:
     # DDR per rank fixed: dtn-train would otherwise detect this host's RAM, dtn-plan assume 128 GiB.
     common = [f"data.path={data}", "data.batch_size=32", "sharding.ddr_cap_gb=16"]
     trained = run_on_ranks(
-        _train_one_step, 2, timeout_s=300, config=DTN_DEMO,
-        overrides=[*common, f"output.dir={tmp_path / 'run'}", "train.max_steps=1",
-                   "output.tensorboard=false"],
+        _train_one_step,
+        2,
+        timeout_s=300,
+        config=DTN_DEMO,
+        overrides=[
+            *common,
+            f"output.dir={tmp_path / 'run'}",
+            "train.max_steps=1",
+            "output.tensorboard=false",
+        ],
     )
     out = tmp_path / "plan.json"
     code = plan_main(
-        ["--config", DTN_DEMO, "--world-size", "2", "--local-world-size", "2",
-         "--compute-device", "cpu", "--schema", str(data), "--json", str(out), *common]
+        [
+            "--config",
+            DTN_DEMO,
+            "--world-size",
+            "2",
+            "--local-world-size",
+            "2",
+            "--compute-device",
+            "cpu",
+            "--schema",
+            str(data),
+            "--json",
+            str(out),
+            *common,
+        ]
     )
     assert code == 0
     planned = json.loads(out.read_text())["plan"]

@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
-
 from dist_utils import run_on_ranks
+
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
 
 GLOBAL_BATCH = 16
@@ -31,8 +31,8 @@ TABLE_TYPES = {
 def _build(sparse: str) -> Any:
     """A sharded toy model with fused ``sparse`` optimiser and dense Adam with warm-up."""
     import torch.distributed as dist
-
     from toy_model import ToyModel, ToyTrain, write_known_values
+
     from dtn_torchrec.distributed.config import (
         DenseOptimizerConfig,
         ShardingConfig,
@@ -64,7 +64,6 @@ def _build(sparse: str) -> Any:
 def _rank_batch(seed: int) -> Any:
     """This rank's part of global batch ``seed`` (2 x 8 rows; one rank takes both halves)."""
     import torch.distributed as dist
-
     from toy_model import concat_batches, make_batch
 
     halves = [make_batch(seed=2 * seed + i, batch_size=GLOBAL_BATCH // 2) for i in range(2)]

@@ -12,7 +12,6 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
-
 from dist_utils import run_on_ranks
 
 GLOBAL_BATCH = 16
@@ -40,8 +39,8 @@ CW_PARAM = "model.ebc.embedding_bags.t_f1.weight"
 
 def _build(table_types: Dict[str, List[str]], sparse: str) -> Any:
     import torch.distributed as dist
-
     from toy_model import ToyModel, ToyTrain, write_known_values
+
     from dtn_torchrec.distributed.config import (
         DenseOptimizerConfig,
         ShardingConfig,
@@ -63,7 +62,10 @@ def _build(table_types: Dict[str, List[str]], sparse: str) -> Any:
     apply_sparse_optimizer(model, SparseOptimizerConfig(name=sparse, lr=0.05))
     batch_size = GLOBAL_BATCH // dist.get_world_size()
     plan = plan_model(
-        model, cfg, topology=topology_from_env("cpu", cfg), batch_size=batch_size,
+        model,
+        cfg,
+        topology=topology_from_env("cpu", cfg),
+        batch_size=batch_size,
         pg=dist.group.WORLD,
     )
     dmp = shard_model(model, device=torch.device("cpu"), plan=plan)
@@ -74,7 +76,6 @@ def _build(table_types: Dict[str, List[str]], sparse: str) -> Any:
 
 def _rank_batch(seed: int) -> Any:
     import torch.distributed as dist
-
     from toy_model import concat_batches, make_batch
 
     halves = [make_batch(seed=2 * seed + i, batch_size=GLOBAL_BATCH // 2) for i in range(2)]

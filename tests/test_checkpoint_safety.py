@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict
 import pytest
 import torch
 import yaml
+from inference_utils import make_dataset, run_config
 
 from dtn_torchrec.analysis.analyze import analyze
 from dtn_torchrec.data.schema import SchemaSpec
@@ -32,9 +33,6 @@ from dtn_torchrec.serving.scoring import predict
 from dtn_torchrec.train.config import RunConfig, run_config_from_dict
 from dtn_torchrec.train.run_dir import CONFIG_FILE, RunMismatchError, differing_keys
 from dtn_torchrec.train.session import run_training
-
-from inference_utils import one_rank  # noqa: F401 - the fixture
-from inference_utils import make_dataset, run_config
 
 ATTACK_FILE = "pwned"
 
@@ -67,8 +65,13 @@ def trained(tmp_path_factory, one_rank: DistributedContext) -> Dict[str, Any]:
     root = tmp_path_factory.mktemp("safety")
     data = make_dataset(root, train_rows=400, test_rows=150)
     raw = run_config(data, root / "run")
-    raw["train"].update(max_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, precision="fp32",
-                        pipeline="plain")
+    raw["train"].update(
+        max_steps=4,
+        checkpoint_every_steps=2,
+        keep_checkpoints=3,
+        precision="fp32",
+        pipeline="plain",
+    )
     run_training(_config(raw), one_rank, resume=False)
     return {"root": root, "data": data, "raw": raw, "run": root / "run"}
 
@@ -171,11 +174,15 @@ def test_truncated_latest_checkpoint_falls_back_to_older(
     "damage, reason",
     [
         (lambda s: (s / META_FILE).write_text("{not json"), f"{META_FILE}: unreadable"),
-        (lambda s: (s / META_FILE).write_text('{"format": 1}'),
-         f"{META_FILE}: checkpoint format 1, expected 2"),
+        (
+            lambda s: (s / META_FILE).write_text('{"format": 1}'),
+            f"{META_FILE}: checkpoint format 1, expected 2",
+        ),
         (lambda s: (s / "extra_rank0.json").unlink(), "extra_rank0.json: missing checkpoint file"),
-        (lambda s: (s / ".metadata").write_bytes(b"x" * (s / ".metadata").stat().st_size),
-         ".metadata: content differs"),
+        (
+            lambda s: (s / ".metadata").write_bytes(b"x" * (s / ".metadata").stat().st_size),
+            ".metadata: content differs",
+        ),
     ],
 )
 def test_every_damaged_file_is_named(trained, tmp_path: Path, damage, reason: str) -> None:
@@ -283,9 +290,7 @@ def test_run_state_round_trips_exactly_through_json(tmp_path: Path) -> None:
 def test_differing_keys_lists_dotted_paths() -> None:
     saved = {"a": 1, "b": {"c": [1, {"d": 2}], "e": "x"}}
     current = {"a": 1, "b": {"c": [1, {"d": 3}], "f": "y"}}
-    assert differing_keys(saved, current, "model") == [
-        "model.b.c.1.d", "model.b.e", "model.b.f"
-    ]
+    assert differing_keys(saved, current, "model") == ["model.b.c.1.d", "model.b.e", "model.b.f"]
     assert differing_keys([1, 2], [1], "m") == ["m"]
 
 
@@ -298,7 +303,10 @@ def _cli(name: str, *args: str) -> subprocess.CompletedProcess:
         env.pop(key, None)
     return subprocess.run(
         [str(Path(sys.executable).parent / name), *args],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -309,7 +317,11 @@ def test_cli_resume_with_overrides_after_it_refuses_a_model_change(trained, tmp_
     config.write_text(yaml.safe_dump(run["raw"], sort_keys=False))
     before = _snapshot(run["run"])
     result = _cli(
-        "dtn-train", "--config", str(config), "--resume", "train.max_steps=6",
+        "dtn-train",
+        "--config",
+        str(config),
+        "--resume",
+        "train.max_steps=6",
         "model.embedding.pooling=sum",
     )
     assert result.returncode == 1
@@ -331,8 +343,15 @@ def test_cli_predict_runs_no_payload_and_names_the_file(trained, tmp_path: Path)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(run["raw"], sort_keys=False))
     result = _cli(
-        "dtn-predict", "--config", str(config), "--checkpoint", str(step), "--input",
-        str(run["data"]), "--output", str(tmp_path / "pred"),
+        "dtn-predict",
+        "--config",
+        str(config),
+        "--checkpoint",
+        str(step),
+        "--input",
+        str(run["data"]),
+        "--output",
+        str(tmp_path / "pred"),
     )
     assert result.returncode == 1 and not attack.exists()
     last = result.stderr.strip().splitlines()[-1]

@@ -44,7 +44,9 @@ WEIGHTS: Dict[str, List[List[float]]] = {
 
 
 def make_kjt(
-    lists: Dict[str, List[List[int]]], keys: List[str], weights: Optional[Dict[str, List[List[float]]]] = None
+    lists: Dict[str, List[List[int]]],
+    keys: List[str],
+    weights: Optional[Dict[str, List[List[float]]]] = None,
 ) -> KeyedJaggedTensor:
     """Builds a KJT with the given key order (values key-major, as TorchRec lays them out)."""
     values = [v for k in keys for row in lists[k] for v in row]
@@ -53,7 +55,10 @@ def make_kjt(
     if weights is not None:
         w = torch.tensor([x for k in keys for row in weights[k] for x in row], dtype=torch.float32)
     return KeyedJaggedTensor(
-        keys=keys, values=torch.tensor(values, dtype=torch.long), lengths=torch.tensor(lengths), weights=w
+        keys=keys,
+        values=torch.tensor(values, dtype=torch.long),
+        lengths=torch.tensor(lengths),
+        weights=w,
     )
 
 
@@ -82,7 +87,9 @@ def manual_fields(arch: SparseArch, pooling: str, weighted: bool) -> torch.Tenso
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fields_equal_manual_pooling(pooling: str, weighted: bool) -> None:
     torch.manual_seed(0)
-    arch = SparseArch(SCHEMA, EmbeddingConfig(embedding_dim=D, pooling=pooling, use_weights=weighted))
+    arch = SparseArch(
+        SCHEMA, EmbeddingConfig(embedding_dim=D, pooling=pooling, use_weights=weighted)
+    )
     kjt = make_kjt(LISTS, SCHEMA.field_names, WEIGHTS if weighted else None)
     out = arch(kjt)
     torch.testing.assert_close(out.fields, manual_fields(arch, pooling, weighted))
@@ -109,7 +116,9 @@ def test_flat_is_reference_inference_batchnorm() -> None:
 def test_key_order_does_not_change_output() -> None:
     torch.manual_seed(0)
     arch = SparseArch(
-        SCHEMA, EmbeddingConfig(embedding_dim=D, pooling="mean", use_weights=True), pair_hash=PairHashConfig()
+        SCHEMA,
+        EmbeddingConfig(embedding_dim=D, pooling="mean", use_weights=True),
+        pair_hash=PairHashConfig(),
     )
     ref = arch(make_kjt(LISTS, SCHEMA.field_names, WEIGHTS))
     for keys in itertools.permutations(SCHEMA.field_names):
@@ -133,7 +142,9 @@ def test_gradients_reach_used_table_rows_only() -> None:
 
 
 def test_tables_follow_schema_and_init_std() -> None:
-    schema = SchemaSpec(fields=[FieldSpec("big", num_embeddings=20000), FieldSpec("small", 3)], labels=["y"])
+    schema = SchemaSpec(
+        fields=[FieldSpec("big", num_embeddings=20000), FieldSpec("small", 3)], labels=["y"]
+    )
     torch.manual_seed(0)
     arch = SparseArch(schema, EmbeddingConfig(embedding_dim=32, init_std=0.0625))
     configs = arch.embedding_bag_collection.embedding_bag_configs()
@@ -166,7 +177,9 @@ def test_row_zero_is_zero_so_an_unseen_id_pools_like_a_missing_one(pooling: str)
 
 def test_meta_construction_allocates_nothing() -> None:
     meta = torch.device("meta")
-    arch = SparseArch(SCHEMA, EmbeddingConfig(embedding_dim=D), pair_hash=PairHashConfig(), device=meta)
+    arch = SparseArch(
+        SCHEMA, EmbeddingConfig(embedding_dim=D), pair_hash=PairHashConfig(), device=meta
+    )
     assert all(p.is_meta for p in arch.parameters())
     # The init function travels with the config, so sharding can apply it to the real shards.
     weight = torch.empty(1000, D)
@@ -223,7 +236,10 @@ def reference_pair_id(seed: int, i: int, vi: int, j: int, vj: int, num_buckets: 
 def test_pair_ids_match_scalar_reference_and_range() -> None:
     rng = random.Random(0)
     fields = ["f0", "f1", "f2", "f3"]
-    lists = {f: [[rng.randrange(0, 10**12)] if rng.random() > 0.2 else [] for _ in range(5)] for f in fields}
+    lists = {
+        f: [[rng.randrange(0, 10**12)] if rng.random() > 0.2 else [] for _ in range(5)]
+        for f in fields
+    }
     # A multi-valued list: only its first id enters the pairs.
     lists["f1"][0] = [17, 99, 3]
     kjt = make_kjt(lists, fields)
@@ -251,7 +267,9 @@ def test_pair_ids_are_deterministic_and_row_independent() -> None:
     per_row = batch.values().view(3, -1)
     for b in range(3):
         alone = {f: [lists[f][b]] for f in fields}
-        assert torch.equal(pair_hash_ids(make_kjt(alone, fields), fields, 97, [0, 1]).values(), per_row[b])
+        assert torch.equal(
+            pair_hash_ids(make_kjt(alone, fields), fields, 97, [0, 1]).values(), per_row[b]
+        )
 
 
 def test_pair_ids_depend_on_field_positions_not_only_values() -> None:
@@ -290,7 +308,9 @@ def test_aliccp_default_pairs_are_the_17_single_valued_fields() -> None:
     )
     cfg = PairHashConfig().resolve(schema)
     # The reference's index order (docs/model.md, MemoNet).
-    assert cfg.fields == "101 121 122 124 125 126 127 128 129 205 206 207 216 508 509 702 301".split()
+    assert (
+        cfg.fields == "101 121 122 124 125 126 127 128 129 205 206 207 216 508 509 702 301".split()
+    )
     assert cfg.num_pairs == 136
     arch = SparseArch(schema, EmbeddingConfig(embedding_dim=2), pair_hash=PairHashConfig())
     lists = {f: [[1, 2]] if f in multi else [[3]] for f in ALICCP_FIELDS}

@@ -8,10 +8,10 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import free_port
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dist_utils import free_port
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec
 from dtn_torchrec.models.embedding import EmbeddingConfig, SparseArch
 from dtn_torchrec.models.experts import (
@@ -175,7 +175,11 @@ VARIANTS: Dict[str, ExpertConfig] = {
         output_dim=6, num_mask_blocks=3, mask_block_dim=8, mask_hidden_dim=9, mlp_dims=[8, 6]
     ),
     "masknet_serial": MaskNetConfig(
-        output_dim=6, mode="serial", num_mask_blocks=3, mask_block_dim=8, mask_hidden_dim=9,
+        output_dim=6,
+        mode="serial",
+        num_mask_blocks=3,
+        mask_block_dim=8,
+        mask_hidden_dim=9,
         mlp_dims=[8, 6],
     ),
     "masknet_emb_ln": MaskNetConfig(
@@ -305,7 +309,9 @@ def test_config_and_builder_errors() -> None:
         memonet_pair_hash([MemoNetConfig(), MemoNetConfig(num_hash=3)], SCHEMA)
     assert memonet_pair_hash([GDCNConfig()], SCHEMA) is None
     with pytest.raises(ValueError, match="pair_ids"):
-        build(VARIANTS["memonet"])(ExpertInputs(fields=torch.zeros(B, F, D), flat=torch.zeros(B, F * D)))
+        build(VARIANTS["memonet"])(
+            ExpertInputs(fields=torch.zeros(B, F, D), flat=torch.zeros(B, F * D))
+        )
 
 
 def test_sparse_arch_feeds_every_expert_end_to_end() -> None:
@@ -354,7 +360,11 @@ def _local(value: object) -> torch.Tensor:
 
 def test_dmp_one_rank_shards_tables_and_codebooks(monkeypatch: pytest.MonkeyPatch) -> None:
     from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -417,9 +427,11 @@ def test_dmp_one_rank_shards_tables_and_codebooks(monkeypatch: pytest.MonkeyPatc
         out.sum().backward()
         expected.sum().backward()
         after = {k: _local(v) for k, v in dmp.state_dict().items()}
-        for key in ("experts.0.codebook.embeddings.memonet_codebook_e0.weight",
-                    "experts.1.codebook.embeddings.memonet_codebook_e1.weight",
-                    "sparse.embedding_bag_collection.embedding_bags.t_h.weight"):
+        for key in (
+            "experts.0.codebook.embeddings.memonet_codebook_e0.weight",
+            "experts.1.codebook.embeddings.memonet_codebook_e1.weight",
+            "sparse.embedding_bag_collection.embedding_bags.t_h.weight",
+        ):
             grad = reference.get_parameter(key).grad
             assert grad.abs().sum() > 0, key
             # Fused in-backward SGD on the shard == a plain SGD step on the unsharded table.

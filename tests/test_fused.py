@@ -60,7 +60,9 @@ def _randomize(module: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def _outputs_and_grads(dense: nn.Module, dim: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+def _outputs_and_grads(
+    dense: nn.Module, dim: int
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     inputs = _inputs(dim)
     logits = dense(inputs)
     (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
@@ -78,7 +80,9 @@ def _check_fused_equals_unfused(model_section: Dict[str, Any], dim: int) -> nn.M
     torch.testing.assert_close(got_input_grad, want_input_grad, rtol=1e-5, atol=1e-5)
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name
+        )
     return dense
 
 
@@ -90,16 +94,22 @@ def test_mmoe_fused_experts_gates_towers_match_the_loop(combine: str) -> None:
             "tasks": ["click", "conversion"],
             "embedding": {"embedding_dim": 4},
             "tower": {"hidden_dims": [8, 6]},
-            "mmoe": {"num_experts": 3, "combine": combine,
-                     "expert": {"kind": "mlp", "hidden_dims": [12, 10], "output_dim": 7}},
+            "mmoe": {
+                "num_experts": 3,
+                "combine": combine,
+                "expert": {"kind": "mlp", "hidden_dims": [12, 10], "output_dim": 7},
+            },
         },
         dim=4,
     )
     assert dense.experts._fused is not None and dense._fused_heads
     # Parameters keep their per-expert, per-gate, per-tower names: checkpoints are unchanged.
     names = {n for n, _ in dense.named_parameters()}
-    assert {"experts.experts.2.mlp.layers.2.weight", "gates.conversion.linear.bias",
-            "towers.click.output.weight"} <= names
+    assert {
+        "experts.experts.2.mlp.layers.2.weight",
+        "gates.conversion.linear.bias",
+        "towers.click.output.weight",
+    } <= names
 
 
 def test_ple_fused_experts_match_the_loop() -> None:
@@ -109,8 +119,12 @@ def test_ple_fused_experts_match_the_loop() -> None:
             "tasks": ["click", "conversion"],
             "embedding": {"embedding_dim": 4},
             "tower": {"hidden_dims": [8]},
-            "ple": {"num_levels": 2, "task_experts": 2, "shared_experts": 3,
-                    "expert": {"kind": "mlp", "hidden_dims": [12], "output_dim": 7}},
+            "ple": {
+                "num_levels": 2,
+                "task_experts": 2,
+                "shared_experts": 3,
+                "expert": {"kind": "mlp", "hidden_dims": [12], "output_dim": 7},
+            },
         },
         dim=4,
     )
@@ -131,8 +145,14 @@ def test_dtn_fused_gdcn_and_mlp_modules_match_the_loop(variant: str) -> None:
                 "tsn": {"conversion": ["click"]},
                 "methods": [
                     {"kind": "gdcn", "output_dim": 6, "num_cross_layers": 2},
-                    {"kind": "masknet", "output_dim": 6, "mask_hidden_dim": 8, "mask_block_dim": 5,
-                     "num_mask_blocks": 2, "mlp_dims": [8, 6]},
+                    {
+                        "kind": "masknet",
+                        "output_dim": 6,
+                        "mask_hidden_dim": 8,
+                        "mask_block_dim": 5,
+                        "num_mask_blocks": 2,
+                        "mlp_dims": [8, 6],
+                    },
                     {"kind": "mlp", "hidden_dims": [9], "output_dim": 6},
                 ],
             },
@@ -147,8 +167,12 @@ def test_stacked_and_shared_linear_are_per_layer_linears() -> None:
     layers = [nn.Linear(5, 3) for _ in range(4)]
     x = torch.randn(7, 5)
     xs = torch.randn(4, 7, 5)
-    torch.testing.assert_close(shared_input_linear(x, layers), torch.stack([l(x) for l in layers]))
-    torch.testing.assert_close(stacked_linear(xs, layers), torch.stack([l(xs[e]) for e, l in enumerate(layers)]))
+    torch.testing.assert_close(
+        shared_input_linear(x, layers), torch.stack([layer(x) for layer in layers])
+    )
+    torch.testing.assert_close(
+        stacked_linear(xs, layers), torch.stack([layer(xs[e]) for e, layer in enumerate(layers)])
+    )
 
 
 def test_experts_of_different_shapes_are_not_fused() -> None:

@@ -25,21 +25,27 @@ from typing import Callable, Iterator, List
 
 import pytest
 import torch
-
-from dtn_torchrec.train.loss_window import LossWindow
-from single_rank import (  # noqa: F401 - one_rank_group is a fixture
+from single_rank import (
     CPU,
     TASKS,
-    one_rank_group,
     random_batch,
     sharded_train_model,
     sparse_dist_pipeline,
 )
 
+from dtn_torchrec.train.loss_window import LossWindow
+
 OURS = "/dtn_torchrec/"
 LIBRARY_OWNED = ("/torchrec/distributed/", "/fbgemm_gpu/", "/torch/optim/")
 TENSOR_METHODS = (
-    "tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
+    "tolist",
+    "item",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
 )
 
 
@@ -100,7 +106,7 @@ class HostSyncCounter:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dtn", "mmoe"])
-def test_no_host_sync_in_a_pipelined_training_step(one_rank_group, name: str) -> None:
+def test_no_host_sync_in_a_pipelined_training_step(one_rank, name: str) -> None:
     model = sharded_train_model(name)
     pipeline = sparse_dist_pipeline(model)
     batches: Iterator = iter([random_batch(seed) for seed in range(4)])

@@ -19,8 +19,8 @@ from typing import Dict, List
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import free_port
+
 from dtn_torchrec.distributed.launch import DEVICE_ENV, LaunchError, allow_tf32, init_distributed
 
 TESTS = Path(__file__).resolve().parent
@@ -159,9 +159,18 @@ def test_unknown_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 def test_dtn_train_require_cuda_exits_with_one_line() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "dtn_torchrec.cli.train", "--config",
-         str(TESTS.parent / "configs" / "dtn_demo.yaml"), "--require-cuda"],
-        env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+        [
+            sys.executable,
+            "-m",
+            "dtn_torchrec.cli.train",
+            "--config",
+            str(TESTS.parent / "configs" / "dtn_demo.yaml"),
+            "--require-cuda",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]

@@ -61,7 +61,9 @@ def test_demo_report_puts_model_auc_next_to_oracle() -> None:
     assert lines[3] == ["conversion", "|", "click", "0.7900", "0.5500"]
     # The gap to the oracle: 0.8 - 0.61234, 0.85 - 0.7, 0.79 - 0.55.
     assert lines[6:9] == [
-        ["click", "0.1877"], ["conversion", "0.1500"], ["conversion", "|", "click", "0.2400"]
+        ["click", "0.1877"],
+        ["conversion", "0.1500"],
+        ["conversion", "|", "click", "0.2400"],
     ]
     assert ["samples/s", "(2", "ranks)", "1,234"] in lines
     assert ["reported", "step", "58"] in lines

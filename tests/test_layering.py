@@ -48,7 +48,10 @@ def _imports(path: Path) -> Set[str]:
 
 def _graph() -> Dict[str, Set[str]]:
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {m for m in _imports(path) if m in files and m != name} for name, path in files.items()}
+    return {
+        name: {m for m in _imports(path) if m in files and m != name}
+        for name, path in files.items()
+    }
 
 
 def _layer(module: str) -> int:
@@ -75,9 +78,7 @@ def test_no_import_cycle() -> None:
     graph = _graph()
     # Package __init__ modules re-export their children; an edge child -> own package is the
     # usual `from .pkg import sibling` pattern, not a cycle of logic.
-    edges = {
-        src: {d for d in dsts if not src.startswith(d + ".")} for src, dsts in graph.items()
-    }
+    edges = {src: {d for d in dsts if not src.startswith(d + ".")} for src, dsts in graph.items()}
     state: Dict[str, int] = {}
     cycle: List[str] = []
 

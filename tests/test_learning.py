@@ -25,11 +25,31 @@ SEEDS = [0, 1]
 def test_dtn_leads_mmoe_ple_and_the_mlp_baseline_below_the_oracle(tmp_path: Path) -> None:
     out = tmp_path / "quality.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.model_quality", "--workdir", str(tmp_path / "work"),
-         "--seeds-report", ",".join(map(str, SEEDS)), "--train-rows", "30000",
-         "--test-rows", "10000", "--epochs", "2", "--gemm-window-seconds", "0.1",
-         "--configs", *[str(REPO / "configs" / f"{m}.yaml") for m in MODELS], "--out", str(out)],
-        capture_output=True, text=True, timeout=840, cwd=REPO,  # under pytest-timeout (900 s)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.model_quality",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--seeds-report",
+            ",".join(map(str, SEEDS)),
+            "--train-rows",
+            "30000",
+            "--test-rows",
+            "10000",
+            "--epochs",
+            "2",
+            "--gemm-window-seconds",
+            "0.1",
+            "--configs",
+            *[str(REPO / "configs" / f"{m}.yaml") for m in MODELS],
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=840,
+        cwd=REPO,  # under pytest-timeout (900 s)
     )
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
     print(proc.stdout)  # the table (pytest -s shows it)
@@ -40,11 +60,16 @@ def test_dtn_leads_mmoe_ple_and_the_mlp_baseline_below_the_oracle(tmp_path: Path
     assert len(result["runs"]) == len(SEEDS) * (len(MODELS) + 1)
     for run in result["runs"]:
         assert run["world_size"] == 2 and run["selected"]["epoch"] in (1, 2)
-        summary = json.loads((tmp_path / "work" / f"s{run['seed']}" / "runs" / run["model"]
-                            / "summary.json").read_text())
+        summary = json.loads(
+            (
+                tmp_path / "work" / f"s{run['seed']}" / "runs" / run["model"] / "summary.json"
+            ).read_text()
+        )
         assert run["test_auc"] == {t: m["auc"] for t, m in summary["test"].items()}
-    auc = {name: {t: s["test_auc"][t]["mean"] for t in result["tasks"]}
-           for name, s in result["summary"].items()}
+    auc = {
+        name: {t: s["test_auc"][t]["mean"] for t in result["tasks"]}
+        for name, s in result["summary"].items()
+    }
     for structure in result["structures"]:
         assert structure["structure"] is not None  # a random structure, recorded by dtn-synth
     for task in result["tasks"]:

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-
 from toy_model import ToyModel, ToyTrain
+
 from dtn_torchrec.distributed.config import ShardingConfig, SparseOptimizerConfig
 from dtn_torchrec.distributed.launch import init_distributed
 from dtn_torchrec.distributed.library_warnings import (

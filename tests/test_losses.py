@@ -39,7 +39,8 @@ def test_multitask_loss_defaults_are_plain_bce_weight_one() -> None:
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     total, per_task = MultiTaskLoss(["a", "b", "c"])(logits, labels)
     expected = [
-        sum(manual_wce(float(logits[b, t]), float(labels[b, t]), 1.0) for b in range(2)) / 2 for t in range(3)
+        sum(manual_wce(float(logits[b, t]), float(labels[b, t]), 1.0) for b in range(2)) / 2
+        for t in range(3)
     ]
     torch.testing.assert_close(per_task, torch.tensor(expected))
     torch.testing.assert_close(total, torch.tensor(sum(expected)))
@@ -75,8 +76,14 @@ def test_esmm_logit_matches_naive_on_moderate_values() -> None:
 @pytest.mark.parametrize(
     "a,b",
     [
-        (50.0, 50.0), (30.0, 30.0), (-50.0, -50.0), (50.0, -50.0),
-        (-80.0, 90.0), (0.0, 0.0), (1e-7, 20.0), (-1e4, 3.0),
+        (50.0, 50.0),
+        (30.0, 30.0),
+        (-50.0, -50.0),
+        (50.0, -50.0),
+        (-80.0, 90.0),
+        (0.0, 0.0),
+        (1e-7, 20.0),
+        (-1e4, 3.0),
     ],
 )
 def test_esmm_logit_extremes_are_accurate_and_finite(a: float, b: float) -> None:
@@ -84,7 +91,9 @@ def test_esmm_logit_extremes_are_accurate_and_finite(a: float, b: float) -> None
     form still gives the true logit, e.g. a = b = 50: 50 - log 2."""
     heads = torch.tensor([[a, b]], requires_grad=True)
     out = ProductRelation(["click", "conversion"], {"conversion": ["click"]})(heads)
-    expected = esmm_closed_form(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    expected = esmm_closed_form(
+        torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    )
     torch.testing.assert_close(out[0, 1].double(), expected, rtol=1e-5, atol=1e-4)
     out[0, 1].backward()
     assert torch.isfinite(heads.grad).all()
@@ -107,7 +116,9 @@ def test_esmm_chain_multiplies_probabilities() -> None:
     out = ProductRelation(["cvr", "ctr", "atc"], {"cvr": ["atc"], "atc": ["ctr"]})(heads)
     s = torch.sigmoid(heads.double())
     torch.testing.assert_close(torch.sigmoid(out[:, 1].double()), s[:, 1], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(torch.sigmoid(out[:, 2].double()), s[:, 1] * s[:, 2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        torch.sigmoid(out[:, 2].double()), s[:, 1] * s[:, 2], rtol=1e-5, atol=1e-7
+    )
     torch.testing.assert_close(
         torch.sigmoid(out[:, 0].double()), s[:, 1] * s[:, 2] * s[:, 0], rtol=1e-5, atol=1e-7
     )

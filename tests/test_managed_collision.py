@@ -17,9 +17,9 @@ from typing import Any, Dict, List
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_on_ranks
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from dist_utils import run_on_ranks
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec
 from dtn_torchrec.models.builder import build_train_model
@@ -218,17 +218,6 @@ def _step(dmp: Any, batch: Batch) -> None:
     loss.backward()  # the fused sparse optimiser updates the rows here
 
 
-@pytest.fixture
-def one_rank() -> Any:
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_eviction_reinitialises_rows_and_resets_optimizer_state(one_rank: None) -> None:
     dmp = _sharded_raw_model(size=4, interval=2)  # 3 own rows + shared row 3
     arch = dmp.module.model.sparse_arch
@@ -237,9 +226,20 @@ def test_eviction_reinitialises_rows_and_resets_optimizer_state(one_rank: None) 
     weight, state = _table_state(dmp, "t_u")
     mch = arch.mch_bags._managed_collision_collection._managed_collision_modules["t_u"]
     mch.eval()
-    row_of = dict(zip([1, 2, 3], mch({"t_u": JaggedTensor(
-        values=torch.tensor([1, 2, 3]), lengths=torch.ones(3, dtype=torch.int32)
-    )})["t_u"].values().tolist()))
+    row_of = dict(
+        zip(
+            [1, 2, 3],
+            mch(
+                {
+                    "t_u": JaggedTensor(
+                        values=torch.tensor([1, 2, 3]), lengths=torch.ones(3, dtype=torch.int32)
+                    )
+                }
+            )["t_u"]
+            .values()
+            .tolist(),
+        )
+    )
     mch.train()
     trained = weight.clone()
     assert bool((state[list(row_of.values())] > 0).all())

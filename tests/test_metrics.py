@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from dist_utils import free_port
+
 from dtn_torchrec.train.metrics import (
     EvalAccumulator,
     bernoulli_entropy,
@@ -90,9 +90,10 @@ def test_conditional_cvr_auc_on_clicked_rows() -> None:
     assert m["conversion"]["auc"] == m["conversion"]["ctcvr_auc"]
     assert "cvr_auc" not in m["click"]
     # no funnel pairs requested -> no conditional metrics
-    assert "cvr_auc" not in compute_task_metrics(logits, labels, ["click", "conversion"], {})[
-        "conversion"
-    ]
+    assert (
+        "cvr_auc"
+        not in compute_task_metrics(logits, labels, ["click", "conversion"], {})["conversion"]
+    )
 
 
 def test_shape_mismatch_is_rejected() -> None:
@@ -141,7 +142,9 @@ def test_rows_gathered_on_first_rank_only_and_metrics_equal_on_every_rank() -> N
     world_size = len(ROWS_PER_RANK)
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(
-            _gather_worker, args=(world_size, free_port(), d), nprocs=world_size,
+            _gather_worker,
+            args=(world_size, free_port(), d),
+            nprocs=world_size,
             start_method="forkserver",
         )
         results = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world_size)]

@@ -8,18 +8,17 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from single_rank import (
+    SCHEMA,
+    random_batch,
+    sharded_train_model,
+)
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.distributed.config import DenseOptimizerConfig
 from dtn_torchrec.distributed.optimizers import build_dense_optimizer
-from single_rank import (  # noqa: F401 - one_rank_group is a fixture
-    SCHEMA,
-    one_rank_group,
-    random_batch,
-    sharded_train_model,
-)
 
 Lists = Dict[str, List[List[int]]]
 
@@ -87,7 +86,7 @@ def train_steps(model: torch.nn.Module, batches: List[Batch]) -> None:
 
 
 @pytest.mark.slow
-def test_unseen_ids_score_like_missing_ones_before_and_after_training(one_rank_group) -> None:
+def test_unseen_ids_score_like_missing_ones_before_and_after_training(one_rank) -> None:
     model = sharded_train_model("dtn")
     for key, row in row_zero_of_tables(model).items():
         assert torch.equal(row, torch.zeros_like(row)), key
@@ -103,7 +102,7 @@ def test_unseen_ids_score_like_missing_ones_before_and_after_training(one_rank_g
 
 
 @pytest.mark.slow
-def test_row_zero_is_trained_when_training_ids_map_to_it(one_rank_group) -> None:
+def test_row_zero_is_trained_when_training_ids_map_to_it(one_rank) -> None:
     model = sharded_train_model("dtn")
     unseen, _ = unseen_and_missing(random_batch(100))
     train_steps(model, [unseen])
@@ -116,8 +115,9 @@ def test_row_zero_is_trained_when_training_ids_map_to_it(one_rank_group) -> None
 
 def _first_rows_of_shards(sharding_types: Dict[str, str]) -> Dict[str, List[List[Any]]]:
     """This rank's shards of every field table: [row offset, rows, first row zero, zero rows]."""
-    from dtn_torchrec.distributed.config import ShardingConfig, TableShardingConfig
     from single_rank import sharded_train_model as build
+
+    from dtn_torchrec.distributed.config import ShardingConfig, TableShardingConfig
 
     sharding = ShardingConfig(
         tables={t: TableShardingConfig(sharding_types=[s]) for t, s in sharding_types.items()}

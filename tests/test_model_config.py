@@ -16,9 +16,14 @@ from dtn_torchrec.dataclass_config import ConfigError, config_to_dict
 from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.config import ModelConfig, model_config_from_dict
 from dtn_torchrec.models.experts import EXPERTS, ExpertConfig, MemoNetConfig, memonet_pair_hash
-from dtn_torchrec.models.multitask import ARCHITECTURES, ArchitectureConfig, DTNConfig
+from dtn_torchrec.models.multitask import (
+    ARCHITECTURES,
+    ArchitectureConfig,
+    DTNConfig,
+    gates,
+    towers,
+)
 from dtn_torchrec.models.multitask import config as multitask_config
-from dtn_torchrec.models.multitask import gates, towers
 from dtn_torchrec.models.stats import aliccp_reference_schema, count_parameters
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -192,7 +197,10 @@ def test_missing_section_takes_the_architectures_defaults() -> None:
             {"name": "ple", "ple": {"expert": {"kind": "memonet"}}},
             r"^ple\.expert: a memonet expert hashes raw field pairs",
         ),
-        ({"embedding": {"pooling": "max"}}, r"^embedding\.pooling: must be one of \['sum', 'mean'\]"),
+        (
+            {"embedding": {"pooling": "max"}},
+            r"^embedding\.pooling: must be one of \['sum', 'mean'\]",
+        ),
         ({"embedding": {"init_std": 0}}, r"^embedding\.init_std: must be > 0, got 0"),
     ],
 )

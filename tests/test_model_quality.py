@@ -29,15 +29,24 @@ def test_tuning_and_reporting_seeds_are_kept_apart() -> None:
 
 
 def _run(model: str, seed: int, click: float, oracle: float, rate: float) -> dict:
-    return {"model": model, "seed": seed, "test_auc": {"click": click},
-            "gap_to_oracle": {"click": oracle - click}, "samples_per_s": rate,
-            "selected": {"epoch": 1 + seed}}
+    return {
+        "model": model,
+        "seed": seed,
+        "test_auc": {"click": click},
+        "gap_to_oracle": {"click": oracle - click},
+        "samples_per_s": rate,
+        "selected": {"epoch": 1 + seed},
+    }
 
 
 def test_summary_is_mean_and_std_over_structures_with_paired_differences() -> None:
     oracle = {0: 0.80, 1: 0.90}
-    runs = [_run("dtn", 0, 0.75, 0.80, 100.0), _run("dtn", 1, 0.85, 0.90, 300.0),
-            _run("mmoe", 0, 0.70, 0.80, 1000.0), _run("mmoe", 1, 0.84, 0.90, 2000.0)]
+    runs = [
+        _run("dtn", 0, 0.75, 0.80, 100.0),
+        _run("dtn", 1, 0.85, 0.90, 300.0),
+        _run("mmoe", 0, 0.70, 0.80, 1000.0),
+        _run("mmoe", 1, 0.84, 0.90, 2000.0),
+    ]
     structures = [{"seed": s, "oracle_test_auc": {"click": o}} for s, o in oracle.items()]
     summary = summarise(runs, structures, ["click"], "dtn")
     mmoe = summary["mmoe"]

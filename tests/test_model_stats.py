@@ -24,21 +24,31 @@ def test_reference_schema_sizes() -> None:
 
 def test_dtn_reference_size_matches_dtn_model_md() -> None:
     """The reference sizes of docs/model.md, written out, against the built model."""
-    stats = model_stats(load_model_section(str(CONFIGS / "dtn_aliccp.yaml")), aliccp_reference_schema())
+    stats = model_stats(
+        load_model_section(str(CONFIGS / "dtn_aliccp.yaml")), aliccp_reference_schema()
+    )
     d, h = 23 * 64, 256  # flat input 1472, module width 256
-    gdcn = 2 * (2 * d * d + d) + (d * h + h)  # 2 gated cross layers (W_c + b_c, W_g no bias) + projection
-    block = (d * 256 + 256) + (256 * d + d) + (d * 128 + 128) + 2 * 128  # mask MLP, block Linear, LayerNorm
+    gdcn = 2 * (2 * d * d + d) + (
+        d * h + h
+    )  # 2 gated cross layers (W_c + b_c, W_g no bias) + projection
+    block = (
+        (d * 256 + 256) + (256 * d + d) + (d * 128 + 128) + 2 * 128
+    )  # mask MLP, block Linear, LayerNorm
     masknet = 2 * block + 2 * (256 * 256 + 256)  # 2 blocks + MLP [256, 256]
     memonet = 128 * 64 + (d + 136 * 64) * h + h  # hash merge (no bias) + projection
     gates = 2 * (6 + 3) * (h + 1)  # per task: 6 other+shared and 3 own scalar gates
     towers = 2 * ((h * 128 + 128) + (128 * 64 + 64) + (64 + 1))
-    assert stats.dense_params == 3 * (gdcn + masknet + memonet) + gates + towers + 2 * d  # + input affine
+    assert (
+        stats.dense_params == 3 * (gdcn + masknet + memonet) + gates + towers + 2 * d
+    )  # + input affine
     tables = sum(v + 1 for v in ALICCP_VOCAB_LINES.values()) * 64
     assert stats.embedding_params == tables + 3 * 100_000 * 64  # + 3 MemoNet codebooks
     macs = 3 * (
         (2 * 2 * d * d + d * h)  # GDCN
-        + 2 * (d * 256 + 256 * d + d * 128) + 2 * 256 * 256  # MaskNet
-        + 136 * 128 * 64 + (d + 136 * 64) * h  # MemoNet
+        + 2 * (d * 256 + 256 * d + d * 128)
+        + 2 * 256 * 256  # MaskNet
+        + 136 * 128 * 64
+        + (d + 136 * 64) * h  # MemoNet
     ) + 2 * (2 * (6 + 3) * h + h * 128 + 128 * 64 + 64)  # per task: gates + weighted sums, tower
     assert stats.forward_flops_per_sample == 2 * macs
     assert stats.train_flops_per_sample == 3 * stats.forward_flops_per_sample
@@ -46,7 +56,9 @@ def test_dtn_reference_size_matches_dtn_model_md() -> None:
 
 def test_shared_bottom_counts_on_a_dataset_schema() -> None:
     schema = SchemaSpec(
-        fields=[FieldSpec(name=f"f{i}", num_embeddings=10 * (i + 1), max_length=1) for i in range(4)],
+        fields=[
+            FieldSpec(name=f"f{i}", num_embeddings=10 * (i + 1), max_length=1) for i in range(4)
+        ],
         labels=["click", "conversion"],
     )
     # emb 16, bottom 128 -> 64, towers 64-32
@@ -60,7 +72,12 @@ def test_shared_bottom_counts_on_a_dataset_schema() -> None:
 
 
 def test_cli_without_dataset(capsys: pytest.CaptureFixture) -> None:
-    assert main(["--config", str(CONFIGS / "mmoe_demo.yaml"), str(CONFIGS / "ple_demo.yaml"), "--json"]) == 0
+    assert (
+        main(
+            ["--config", str(CONFIGS / "mmoe_demo.yaml"), str(CONFIGS / "ple_demo.yaml"), "--json"]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["model"] for r in rows] == ["mmoe", "ple"]
     for r in rows:

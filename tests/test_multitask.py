@@ -19,10 +19,10 @@ from dtn_torchrec.models.config import LossConfig, ModelConfig, model_config_fro
 from dtn_torchrec.models.experts import DCNConfig, ExpertConfig, MemoNetConfig, MLPConfig
 from dtn_torchrec.models.multitask import (
     DTN,
+    PLE,
     DTNConfig,
     MMoE,
     MMoEConfig,
-    PLE,
     PLEConfig,
     SharedBottom,
     SharedBottomConfig,
@@ -102,7 +102,7 @@ def test_tower_is_relu_mlp_then_linear() -> None:
     randomize(tower)
     x = torch.randn(B, 5)
     layers = [m for m in tower.modules() if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in layers] == [(5, 4), (4, 3), (3, 1)]
+    assert [(layer.in_features, layer.out_features) for layer in layers] == [(5, 4), (4, 3), (3, 1)]
     expected = lin(torch.relu(lin(torch.relu(lin(x, layers[0])), layers[1])), layers[2])
     torch.testing.assert_close(tower(x), expected)
 
@@ -176,7 +176,9 @@ def test_mmoe_gates_and_fusion_match_manual(combine: str, activation: str) -> No
 
 
 def ple_arch(tasks: List[str], levels: int = 2) -> PLE:
-    cfg = PLEConfig(num_levels=levels, task_experts=2, shared_experts=3, expert=MLPConfig(output_dim=4))
+    cfg = PLEConfig(
+        num_levels=levels, task_experts=2, shared_experts=3, expert=MLPConfig(output_dim=4)
+    )
     arch = PLE(cfg, tasks, NF, D, NO_HIDDEN, fake_factory)
     randomize(arch)
     return arch
@@ -211,7 +213,9 @@ def test_ple_gates_are_real_softmaxes_over_experts() -> None:
     captured: Dict[str, torch.Tensor] = {}
     for name, module in arch.named_modules():
         if isinstance(module, InputGate):
-            module.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o.detach()))
+            module.register_forward_hook(
+                lambda m, i, o, name=name: captured.__setitem__(name, o.detach())
+            )
     arch(make_inputs())
     # level 0: 2 task gates over 2 own + 3 shared, 1 shared gate over 2*2 + 3; level 1: 2 task gates.
     assert sorted((k, v.shape[1]) for k, v in captured.items()) == [
@@ -247,7 +251,9 @@ def dtn_arch(tasks: List[str], tsn: Dict[str, List[str]], variant: str, j: int =
     return arch
 
 
-def dtn_manual(arch: DTN, tasks: List[str], tsn: Dict[str, List[str]], variant: str, inputs: ExpertInputs):
+def dtn_manual(
+    arch: DTN, tasks: List[str], tsn: Dict[str, List[str]], variant: str, inputs: ExpertInputs
+):
     """Direct recomputation of DTN (docs/model.md: reference / paper) from the parameters."""
     groups = {g: stack_group(arch.groups[g], inputs.flat) for g in tasks + ["shared"]}
     logits: Dict[str, torch.Tensor] = {}
@@ -296,12 +302,20 @@ def test_dtn_two_tasks_matches_manual(variant: str) -> None:
 @pytest.mark.parametrize(
     "tasks,tsn",
     [
-        (["ctr", "atc", "cvr"], {"atc": ["ctr"], "cvr": ["atc"]}),  # the paper's CTR -> ATC -> CVR chain
-        (["cvr", "atc", "ctr"], {"atc": ["ctr"], "cvr": ["atc", "ctr"]}),  # config order != dependency order
+        (
+            ["ctr", "atc", "cvr"],
+            {"atc": ["ctr"], "cvr": ["atc"]},
+        ),  # the paper's CTR -> ATC -> CVR chain
+        (
+            ["cvr", "atc", "ctr"],
+            {"atc": ["ctr"], "cvr": ["atc", "ctr"]},
+        ),  # config order != dependency order
         (["ctr", "atc", "cvr"], {}),  # no TSN
     ],
 )
-def test_dtn_three_tasks_any_order(variant: str, tasks: List[str], tsn: Dict[str, List[str]]) -> None:
+def test_dtn_three_tasks_any_order(
+    variant: str, tasks: List[str], tsn: Dict[str, List[str]]
+) -> None:
     arch = dtn_arch(tasks, tsn, variant, j=1)
     inputs = make_inputs()
     out = arch(inputs)
@@ -392,7 +406,8 @@ def small_schema(labels: Optional[List[str]] = None, rows: int = 40) -> SchemaSp
     """Ali-CCP field names with tiny tables; the six history/intention fields are multi-valued."""
     multi = {"109_14", "110_14", "127_14", "150_14", "210", "853"}
     fields = [
-        FieldSpec(name=f, num_embeddings=rows, max_length=4 if f in multi else 1) for f in ALICCP_FIELDS
+        FieldSpec(name=f, num_embeddings=rows, max_length=4 if f in multi else 1)
+        for f in ALICCP_FIELDS
     ]
     return SchemaSpec(fields=fields, labels=list(labels or ALICCP_LABELS))
 
@@ -405,7 +420,9 @@ def random_batch(schema: SchemaSpec, batch_size: int = 8, seed: int = 0) -> Batc
         n = torch.randint(low, f.max_length + 1, (batch_size,), generator=g)
         lengths.append(n)
         values.append(torch.randint(0, f.num_embeddings, (int(n.sum()),), generator=g))
-    kjt = KeyedJaggedTensor(keys=schema.field_names, values=torch.cat(values), lengths=torch.cat(lengths))
+    kjt = KeyedJaggedTensor(
+        keys=schema.field_names, values=torch.cat(values), lengths=torch.cat(lengths)
+    )
     labels = torch.randint(0, 2, (batch_size, len(schema.labels)), generator=g).float()
     return Batch(sparse_features=kjt, labels=labels, sample_ids=torch.arange(batch_size))
 
@@ -466,7 +483,9 @@ def test_demo_config_forward_backward_reaches_every_parameter(path: Path) -> Non
     assert not loss_detached.requires_grad and not logits.requires_grad
     torch.testing.assert_close(loss_detached, loss.detach())
     loss.backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    no_grad = [
+        n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0
+    ]
     assert not no_grad, f"parameters without gradient: {no_grad}"
     # the embedding tables and the gates are among them (names as built)
     names = [n for n, _ in model.named_parameters()]

@@ -7,17 +7,17 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from dist_utils import run_on_ranks
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch.optim.lr_scheduler import LambdaLR
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from dist_utils import run_on_ranks
 from dtn_torchrec.distributed.config import DenseOptimizerConfig, SparseOptimizerConfig
 from dtn_torchrec.distributed.optimizers import (
     LrSchedule,
-    materialize_state,
     lr_multiplier,
+    materialize_state,
     sparse_optimizer_spec,
 )
 
@@ -124,6 +124,7 @@ def _fused_update_rows(name: str) -> Dict[str, Any]:
     """One fused step; returns, per table, the rows the batch addressed, the weights before and
     after, and the reference (unsharded) gradient."""
     from toy_model import ToyModel, ToyTrain, make_batch, write_known_values
+
     from dtn_torchrec.distributed.config import ShardingConfig
     from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer
     from dtn_torchrec.distributed.parallel import shard_model
@@ -202,6 +203,7 @@ def test_cpu_refuses_fused_optimizers_fbgemm_cannot_run(
     cfg: SparseOptimizerConfig, words: List[str]
 ) -> None:
     from toy_model import ToyModel, ToyTrain
+
     from dtn_torchrec.distributed.config import ShardingConfig
     from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, check_fused_optimizers
     from dtn_torchrec.distributed.planning import plan_model
@@ -226,6 +228,7 @@ def _fused_lrs(dmp: Any) -> List[float]:
 def _clip_and_schedule() -> Dict[str, Any]:
     """Dense SGD (lr 1) with clipping and a schedule next to fused SGD (lr 0.1)."""
     from toy_model import ToyModel, ToyTrain, make_batch, write_known_values
+
     from dtn_torchrec.distributed.config import ShardingConfig
     from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
     from dtn_torchrec.distributed.parallel import shard_model
@@ -256,8 +259,10 @@ def _clip_and_schedule() -> Dict[str, Any]:
     optimizers.optimizer.step()
     optimizers.scheduler.step()
     norm = float(optimizers.dense.last_total_grad_norm)
-    after = {k: v.local_shards()[0].tensor.clone() if hasattr(v, "local_shards") else v.clone()
-             for k, v in dmp.state_dict().items()}
+    after = {
+        k: v.local_shards()[0].tensor.clone() if hasattr(v, "local_shards") else v.clone()
+        for k, v in dmp.state_dict().items()
+    }
     for _ in range(4):
         lrs.append(optimizers.dense.param_groups[0]["lr"])
         optimizers.optimizer.step()

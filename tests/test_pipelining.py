@@ -11,19 +11,18 @@ from typing import List
 
 import pytest
 import torch
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist, train_pipelines
-from torchrec.distributed.types import ShardedModule
-
-from dtn_torchrec.distributed.optimizers import build_dense_optimizer
-from dtn_torchrec.distributed.config import DenseOptimizerConfig
-from dtn_torchrec.models.pair_hash import PairHasher
-from single_rank import (  # noqa: F401 - one_rank_group is a fixture
+from single_rank import (
     CPU,
-    one_rank_group,
     random_batch,
     sharded_train_model,
     sparse_dist_pipeline,
 )
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist, train_pipelines
+from torchrec.distributed.types import ShardedModule
+
+from dtn_torchrec.distributed.config import DenseOptimizerConfig
+from dtn_torchrec.distributed.optimizers import build_dense_optimizer
+from dtn_torchrec.models.pair_hash import PairHasher
 
 
 def _not_pipelined_after_first_step(
@@ -45,7 +44,7 @@ def _not_pipelined_after_first_step(
 
 @pytest.mark.slow
 def test_dtn_with_memonet_has_no_unpipelined_module(
-    one_rank_group, monkeypatch: pytest.MonkeyPatch
+    one_rank, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = sharded_train_model("dtn")
     pipeline = sparse_dist_pipeline(model)
@@ -60,7 +59,7 @@ def test_dtn_with_memonet_has_no_unpipelined_module(
 
 @pytest.mark.slow
 def test_without_postproc_pipelining_the_codebooks_are_reported(
-    one_rank_group, monkeypatch: pytest.MonkeyPatch
+    one_rank, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The check above can fail: the same model without pipeline_postproc leaves them blocking.
     model = sharded_train_model("dtn")
@@ -71,7 +70,7 @@ def test_without_postproc_pipelining_the_codebooks_are_reported(
 
 
 @pytest.mark.slow
-def test_pipelined_steps_equal_plain_steps(one_rank_group) -> None:
+def test_pipelined_steps_equal_plain_steps(one_rank) -> None:
     batches = [random_batch(seed) for seed in range(3)]
     pipelined = sparse_dist_pipeline(sharded_train_model("dtn"))
     source = iter(batches)

@@ -15,8 +15,16 @@ from typing import Any, Dict, List
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from dist_utils import run_on_ranks
+from inference_utils import (
+    TINY_DTN,
+    make_dataset,
+    run_config,
+    save_checkpoint,
+    train_steps,
+    write_config,
+)
+
 from dtn_torchrec.atomic_files import OUTPUT_MARKER
 from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
 from dtn_torchrec.data.reader import ParquetBatchReader
@@ -32,19 +40,14 @@ from dtn_torchrec.serving.loading import (
     load_unsharded_model,
     resolve_checkpoint,
 )
-from dtn_torchrec.serving.scoring import METRICS_FILE, PREDICT_SUMMARY_FILE, PREDICTIONS_DIR, predict
+from dtn_torchrec.serving.scoring import (
+    METRICS_FILE,
+    PREDICT_SUMMARY_FILE,
+    PREDICTIONS_DIR,
+    predict,
+)
 from dtn_torchrec.train.config import load_run_config
 from dtn_torchrec.train.metrics import compute_task_metrics
-
-from inference_utils import one_rank  # noqa: F401 - the fixture
-from inference_utils import (
-    TINY_DTN,
-    make_dataset,
-    run_config,
-    save_checkpoint,
-    train_steps,
-    write_config,
-)
 
 VENV_BIN = Path(sys.executable).parent
 TASKS = ["click", "conversion"]
@@ -58,7 +61,9 @@ def setup(tmp_path_factory, one_rank: DistributedContext) -> Dict[str, Any]:
     schema = SchemaSpec.load(data)
     torch.manual_seed(0)
     model = build_model(model_config_from_dict(TINY_DTN), schema)
-    train_steps(model, iter(ParquetBatchReader(str(data), "train", 64, prefetch_batches=0)), lr=1e-2)
+    train_steps(
+        model, iter(ParquetBatchReader(str(data), "train", 64, prefetch_batches=0)), lr=1e-2
+    )
     save_checkpoint(model, root / "run" / "checkpoints", step=7)
     config = write_config(root / "config.yaml", run_config(data, root / "run"))
     return {"root": root, "data": data, "model": model, "config": config, "run": root / "run"}
@@ -89,7 +94,10 @@ def _assert_matches_direct(out: Path, direct: Dict[str, torch.Tensor]) -> None:
     for i, sample_id in enumerate(direct["ids"].tolist()):
         row = rows[sample_id]
         for t, task in enumerate(TASKS):
-            assert row[f"p_{task}"] == pytest.approx(float(probs[i, t]), abs=1e-6), (sample_id, task)
+            assert row[f"p_{task}"] == pytest.approx(float(probs[i, t]), abs=1e-6), (
+                sample_id,
+                task,
+            )
             assert row[task] == float(direct["labels"][i, t])
 
 
@@ -115,7 +123,9 @@ def test_one_rank_predictions_equal_a_direct_forward(setup, one_rank, tmp_path: 
     rows = SchemaSpec.load(setup["data"]).splits["test"].rows
     assert written["rows"] == summary.rows == rows and written["step"] == 7
     assert written["throughput"]["rows_per_s"] > 0 and written["batch_size"] == 37
-    assert sorted(p.name for p in (out / PREDICTIONS_DIR).iterdir()) == ["part-00000-of-00001.parquet"]
+    assert sorted(p.name for p in (out / PREDICTIONS_DIR).iterdir()) == [
+        "part-00000-of-00001.parquet"
+    ]
     assert [p.name for p in out.parent.iterdir()] == ["pred"]  # no staging debris
 
 
@@ -136,7 +146,9 @@ def _no_output(out: Path) -> None:
 
 def test_dataset_with_other_vocabulary_is_refused(setup, one_rank, tmp_path: Path) -> None:
     other = tmp_path / "other"
-    prepare_dataset("aliccp-raw", setup["root"] / "raw", other, PrepareOptions(progress=False, min_count=2))
+    prepare_dataset(
+        "aliccp-raw", setup["root"] / "raw", other, PrepareOptions(progress=False, min_count=2)
+    )
     cfg = load_run_config(setup["config"])
     out = tmp_path / "pred"
     # against the training dataset named by data.path
@@ -146,24 +158,34 @@ def test_dataset_with_other_vocabulary_is_refused(setup, one_rank, tmp_path: Pat
     _no_output(out)
     # without the training dataset: against the checkpoint's table shapes
     cfg.data.path = str(tmp_path / "moved")
-    tables = (r"does not match the tables of checkpoint .*"
-              r"field '101' has \d+ ids in the dataset, \d+ rows in the checkpoint")
+    tables = (
+        r"does not match the tables of checkpoint .*"
+        r"field '101' has \d+ ids in the dataset, \d+ rows in the checkpoint"
+    )
     with pytest.raises(SchemaMismatchError, match=tables):
         predict(cfg, setup["run"], other, out, one_rank)
     _no_output(out)
 
 
-def test_config_that_does_not_match_the_checkpoint_is_refused(setup, one_rank, tmp_path: Path) -> None:
+def test_config_that_does_not_match_the_checkpoint_is_refused(
+    setup, one_rank, tmp_path: Path
+) -> None:
     out = tmp_path / "pred"
     for overrides, key in [
-        (["model.tower.hidden_dims=[16]"],
-         r"; shape differs: model\.dense_arch\.towers\.click\.mlp\.0\.weight is \[8, 8\] in the "
-         r"checkpoint, \[16, 8\] here"),
-        (["model.embedding.embedding_dim=8"],
-         r"embedding_bags\.t_101\.weight is \[\d+, 4\] in the checkpoint, \[\d+, 8\] here"),
-        (["model.name=mmoe", "model.dtn=null"],
-         r"; missing from the checkpoint: model\.dense_arch\.experts\..*; "
-         r"not in the model: model\.dense_arch\.groups\."),
+        (
+            ["model.tower.hidden_dims=[16]"],
+            r"; shape differs: model\.dense_arch\.towers\.click\.mlp\.0\.weight is \[8, 8\] in the "
+            r"checkpoint, \[16, 8\] here",
+        ),
+        (
+            ["model.embedding.embedding_dim=8"],
+            r"embedding_bags\.t_101\.weight is \[\d+, 4\] in the checkpoint, \[\d+, 8\] here",
+        ),
+        (
+            ["model.name=mmoe", "model.dtn=null"],
+            r"; missing from the checkpoint: model\.dense_arch\.experts\..*; "
+            r"not in the model: model\.dense_arch\.groups\.",
+        ),
     ]:
         cfg = load_run_config(setup["config"], overrides)
         with pytest.raises(CheckpointMismatchError, match=key):
@@ -211,15 +233,16 @@ def test_overwrite_replaces_only_own_output(setup, one_rank, tmp_path: Path) -> 
         predict(cfg, setup["run"], setup["data"], out, one_rank)
     predict(cfg, setup["run"], setup["data"], out, one_rank, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        OUTPUT_MARKER, METRICS_FILE, PREDICT_SUMMARY_FILE, PREDICTIONS_DIR
+        OUTPUT_MARKER,
+        METRICS_FILE,
+        PREDICT_SUMMARY_FILE,
+        PREDICTIONS_DIR,
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["pred"]
 
 
 @pytest.mark.parametrize("target", ["run", "checkpoints", "data", "root"])
-def test_overwrite_never_replaces_run_input_or_their_parents(
-    setup, one_rank, target: str
-) -> None:
+def test_overwrite_never_replaces_run_input_or_their_parents(setup, one_rank, target: str) -> None:
     cfg = load_run_config(setup["config"])
     out = {
         "run": setup["run"],
@@ -228,7 +251,9 @@ def test_overwrite_never_replaces_run_input_or_their_parents(
         "root": setup["root"],
     }[target]
     before = sorted(p.relative_to(setup["root"]) for p in setup["root"].rglob("*"))
-    with pytest.raises(FileExistsError, match=f"--output {out} is or contains this command's input"):
+    with pytest.raises(
+        FileExistsError, match=f"--output {out} is or contains this command's input"
+    ):
         predict(cfg, setup["run"], setup["data"], out, one_rank, overwrite=True)
     assert sorted(p.relative_to(setup["root"]) for p in setup["root"].rglob("*")) == before
 
@@ -265,19 +290,32 @@ def test_a_rank_that_cannot_read_stops_every_rank_with_its_message() -> None:
 
 
 def _predict_on_rank(config: str, checkpoint: str, data: str, out: str) -> int:
-    ctx = DistributedContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), 0,
-                             torch.device("cpu"), "gloo")
+    ctx = DistributedContext(
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        0,
+        torch.device("cpu"),
+        "gloo",
+    )
     return predict(load_run_config(config), checkpoint, data, out, ctx, batch_size=29).rows
 
 
 @pytest.mark.slow
 def test_two_ranks_predict_what_one_rank_does(setup, tmp_path: Path) -> None:
     out = tmp_path / "two"
-    rows = run_on_ranks(_predict_on_rank, 2, config=str(setup["config"]), checkpoint=str(setup["run"]),
-                        data=str(setup["data"]), out=str(out))
+    rows = run_on_ranks(
+        _predict_on_rank,
+        2,
+        config=str(setup["config"]),
+        checkpoint=str(setup["run"]),
+        data=str(setup["data"]),
+        out=str(out),
+    )
     assert rows == [SchemaSpec.load(setup["data"]).splits["test"].rows] * 2
     assert sorted(p.name for p in (out / PREDICTIONS_DIR).iterdir()) == [
-        "part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+        "part-00000-of-00002.parquet",
+        "part-00001-of-00002.parquet",
+    ]
     direct = _direct(setup["model"], setup["data"])
     _assert_matches_direct(out, direct)
     expected = compute_task_metrics(direct["logits"], direct["labels"], TASKS)
@@ -291,8 +329,14 @@ def _env() -> Dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RESTART_COUNT"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RESTART_COUNT",
+    ):
         env.pop(key, None)
     return env
 
@@ -302,14 +346,33 @@ def _run(cmd: List[str]) -> subprocess.CompletedProcess:
 
 
 def _torchrun(nproc: int, module: str, args: List[str]) -> subprocess.CompletedProcess:
-    return _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
-                 "--rdzv_endpoint", "localhost:0", "-m", module, *args])
+    return _run(
+        [
+            str(VENV_BIN / "torchrun"),
+            "--nproc_per_node",
+            str(nproc),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+            "-m",
+            module,
+            *args,
+        ]
+    )
 
 
 @pytest.mark.slow
 def test_cli_reports_one_line_errors(setup, tmp_path: Path) -> None:
-    base = [str(VENV_BIN / "dtn-predict"), "--config", str(setup["config"]),
-            "--checkpoint", str(setup["run"]), "--input", str(setup["data"])]
+    base = [
+        str(VENV_BIN / "dtn-predict"),
+        "--config",
+        str(setup["config"]),
+        "--checkpoint",
+        str(setup["run"]),
+        "--input",
+        str(setup["data"]),
+    ]
     bad = _run([*base, "--output", str(tmp_path / "o"), "model.tower.hidden_dims=[16]"])
     assert bad.returncode == 1
     last = bad.stderr.strip().splitlines()[-1]
@@ -319,7 +382,8 @@ def test_cli_reports_one_line_errors(setup, tmp_path: Path) -> None:
     usage = _run(base)
     assert usage.returncode == 2
     assert usage.stderr.strip().splitlines()[-1] == (
-        "dtn-predict: error: give exactly one of --output (score) and --export (export for serving)")
+        "dtn-predict: error: give exactly one of --output (score) and --export (export for serving)"
+    )
 
 
 @pytest.mark.slow
@@ -338,9 +402,20 @@ def test_cli_on_a_two_rank_dtn_train_checkpoint_matches_training_evaluation(
     direct = _direct(model, setup["data"])
     for nproc in (1, 2):
         out = tmp_path / f"pred{nproc}"
-        proc = _torchrun(nproc, "dtn_torchrec.cli.predict", [
-            "--config", str(config), "--checkpoint", str(tmp_path / "run"), "--input", str(setup["data"]),
-            "--output", str(out)])
+        proc = _torchrun(
+            nproc,
+            "dtn_torchrec.cli.predict",
+            [
+                "--config",
+                str(config),
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--input",
+                str(setup["data"]),
+                "--output",
+                str(out),
+            ],
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert f"scored on {nproc} rank(s)" in proc.stdout
         _assert_matches_direct(out, direct)

@@ -25,7 +25,7 @@ SID0 = 1000
 
 
 def ids_a(i: int) -> List[int]:
-    return [i * 10 + j for j in range(i % 3)]          # lengths 0, 1, 2: empty bags included
+    return [i * 10 + j for j in range(i % 3)]  # lengths 0, 1, 2: empty bags included
 
 
 def ids_b(i: int) -> List[int]:
@@ -45,15 +45,17 @@ def labels_of(i: int) -> List[float]:
 
 
 def rows_table(rows: Sequence[int]) -> pa.Table:
-    return pa.table({
-        "sample_id": pa.array([SID0 + i for i in rows], pa.int64()),
-        "a": pa.array([ids_a(i) for i in rows], pa.list_(pa.int64())),
-        "b": pa.array([ids_b(i) for i in rows], pa.list_(pa.int64())),
-        "b__weight": pa.array([weights_b(i) for i in rows], pa.list_(pa.float32())),
-        "c": pa.array([ids_c(i) for i in rows], pa.list_(pa.int64())),
-        "click": pa.array([int(labels_of(i)[0]) for i in rows], pa.int8()),
-        "conversion": pa.array([int(labels_of(i)[1]) for i in rows], pa.int8()),
-    })
+    return pa.table(
+        {
+            "sample_id": pa.array([SID0 + i for i in rows], pa.int64()),
+            "a": pa.array([ids_a(i) for i in rows], pa.list_(pa.int64())),
+            "b": pa.array([ids_b(i) for i in rows], pa.list_(pa.int64())),
+            "b__weight": pa.array([weights_b(i) for i in rows], pa.list_(pa.float32())),
+            "c": pa.array([ids_c(i) for i in rows], pa.list_(pa.int64())),
+            "click": pa.array([int(labels_of(i)[0]) for i in rows], pa.int8()),
+            "conversion": pa.array([int(labels_of(i)[1]) for i in rows], pa.int8()),
+        }
+    )
 
 
 def write_dataset(root: Path, files: Sequence[Sequence[int]], split: str = "train") -> int:
@@ -67,8 +69,14 @@ def write_dataset(root: Path, files: Sequence[Sequence[int]], split: str = "trai
                 writer.write_table(rows_table(range(next_row, next_row + size)))
                 next_row += size
         names.append(name)
-    fields = [FieldSpec("a", 1000), FieldSpec("b", 1000, weight_column=weight_column_name("b")), FieldSpec("c", 7)]
-    SchemaSpec(fields=fields, labels=LABELS, splits={split: SplitSpec(rows=next_row, files=names)}).save(root)
+    fields = [
+        FieldSpec("a", 1000),
+        FieldSpec("b", 1000, weight_column=weight_column_name("b")),
+        FieldSpec("c", 7),
+    ]
+    SchemaSpec(
+        fields=fields, labels=LABELS, splits={split: SplitSpec(rows=next_row, files=names)}
+    ).save(root)
     return next_row
 
 
@@ -82,7 +90,10 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def read_all(root: Path, world: int, **kw) -> List[List[Batch]]:
-    return [list(ParquetBatchReader(str(root), "train", rank=r, world_size=world, **kw)) for r in range(world)]
+    return [
+        list(ParquetBatchReader(str(root), "train", rank=r, world_size=world, **kw))
+        for r in range(world)
+    ]
 
 
 def ids_of(batches: List[Batch]) -> List[int]:
@@ -92,24 +103,39 @@ def ids_of(batches: List[Batch]) -> List[int]:
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("batch_size", [3, 4])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_every_row_exactly_once_and_equal_batch_counts(dataset: Path, world: int, batch_size: int, shuffle: bool) -> None:
-    readers = [ParquetBatchReader(str(dataset), "train", batch_size, rank=r, world_size=world, shuffle=shuffle,
-                                  shuffle_buffer_rows=5, seed=3) for r in range(world)]
+def test_every_row_exactly_once_and_equal_batch_counts(
+    dataset: Path, world: int, batch_size: int, shuffle: bool
+) -> None:
+    readers = [
+        ParquetBatchReader(
+            str(dataset),
+            "train",
+            batch_size,
+            rank=r,
+            world_size=world,
+            shuffle=shuffle,
+            shuffle_buffer_rows=5,
+            seed=3,
+        )
+        for r in range(world)
+    ]
     per_rank = [list(r) for r in readers]
     all_ids = sorted(i for batches in per_rank for i in ids_of(batches))
     assert all_ids == [SID0 + i for i in range(22)]
     expected_batches = -(-(-(-22 // world)) // batch_size)
     assert [len(b) for b in per_rank] == [expected_batches] * world
     assert [len(r) for r in readers] == [expected_batches] * world
-    assert sorted(r.num_rows for r in readers) in ([22 // world] * world,
-                                                   [22 // world] * (world - 22 % world) + [22 // world + 1] * (22 % world))
+    assert sorted(r.num_rows for r in readers) in (
+        [22 // world] * world,
+        [22 // world] * (world - 22 % world) + [22 // world + 1] * (22 % world),
+    )
     assert all(r.total_rows == 22 for r in readers)
     for batches in per_rank:
         assert all(b.batch_size == batch_size for b in batches[:-1])
 
 
 def test_rank_with_fewer_rows_gets_a_zero_row_batch(tmp_path: Path) -> None:
-    write_dataset(tmp_path, [[4], [6]])      # 10 rows over 3 ranks: 3, 3, 4 rows; B = 3
+    write_dataset(tmp_path, [[4], [6]])  # 10 rows over 3 ranks: 3, 3, 4 rows; B = 3
     per_rank = read_all(tmp_path, 3, batch_size=3)
     assert [len(b) for b in per_rank] == [2, 2, 2]
     assert [[b.batch_size for b in batches] for batches in per_rank] == [[3, 0], [3, 0], [3, 1]]
@@ -120,7 +146,9 @@ def test_rank_with_fewer_rows_gets_a_zero_row_batch(tmp_path: Path) -> None:
     assert tuple(empty.labels.shape) == (0, 2) and empty.labels.dtype == torch.float32
     assert empty.sample_ids.dtype == torch.int64 and empty.sample_ids.numel() == 0
     assert all(jt.lengths().numel() == 0 for jt in kjt.to_dict().values())
-    assert sorted(ids_of([b for batches in per_rank for b in batches])) == [SID0 + i for i in range(10)]
+    assert sorted(ids_of([b for batches in per_rank for b in batches])) == [
+        SID0 + i for i in range(10)
+    ]
 
 
 def test_fewer_rows_than_ranks(tmp_path: Path) -> None:
@@ -131,8 +159,12 @@ def test_fewer_rows_than_ranks(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_drop_last_drops_the_final_partial_global_step(dataset: Path, world: int) -> None:
-    readers = [ParquetBatchReader(str(dataset), "train", 3, rank=r, world_size=world, drop_last=True,
-                                  shuffle=True, seed=1) for r in range(world)]
+    readers = [
+        ParquetBatchReader(
+            str(dataset), "train", 3, rank=r, world_size=world, drop_last=True, shuffle=True, seed=1
+        )
+        for r in range(world)
+    ]
     per_rank = [list(r) for r in readers]
     steps = (22 // world) // 3
     assert [len(b) for b in per_rank] == [steps] * world
@@ -144,7 +176,9 @@ def test_drop_last_drops_the_final_partial_global_step(dataset: Path, world: int
 
 def test_shuffle_is_deterministic_and_permutes(dataset: Path) -> None:
     def order(epoch: int, seed: int = 5, shuffle: bool = True) -> List[int]:
-        r = ParquetBatchReader(str(dataset), "train", 4, shuffle=shuffle, shuffle_buffer_rows=6, seed=seed)
+        r = ParquetBatchReader(
+            str(dataset), "train", 4, shuffle=shuffle, shuffle_buffer_rows=6, seed=seed
+        )
         r.set_epoch(epoch)
         return ids_of(list(r))
 
@@ -168,8 +202,19 @@ def _epoch_reader(root: Path, epoch: int, rank: int) -> ParquetBatchReader:
 
 @pytest.mark.parametrize("use_weights", [False, True])
 def test_kjt_contents_equal_the_parquet_lists(dataset: Path, use_weights: bool) -> None:
-    batches = list(ParquetBatchReader(str(dataset), "train", 5, shuffle=True, shuffle_buffer_rows=8, seed=2,
-                                      use_weights=use_weights, rank=1, world_size=2))
+    batches = list(
+        ParquetBatchReader(
+            str(dataset),
+            "train",
+            5,
+            shuffle=True,
+            shuffle_buffer_rows=8,
+            seed=2,
+            use_weights=use_weights,
+            rank=1,
+            world_size=2,
+        )
+    )
     seen = 0
     for batch in batches:
         kjt = batch.sparse_features
@@ -183,8 +228,11 @@ def test_kjt_contents_equal_the_parquet_lists(dataset: Path, use_weights: bool) 
         assert kjt.values().tolist() == expected_values
         if use_weights:
             assert kjt.weights().dtype == torch.float32
-            expected_w = [1.0] * sum(len(ids_a(i)) for i in rows) + [w for i in rows for w in weights_b(i)] \
+            expected_w = (
+                [1.0] * sum(len(ids_a(i)) for i in rows)
+                + [w for i in rows for w in weights_b(i)]
                 + [1.0] * len(rows)
+            )
             assert kjt.weights().tolist() == expected_w
         else:
             assert kjt.weights_or_none() is None
@@ -206,8 +254,9 @@ def test_fields_subset_sets_kjt_keys(dataset: Path) -> None:
 
 
 @pytest.mark.parametrize("world,drop_last", [(1, False), (2, False), (3, True)])
-def test_resume_yields_exactly_the_remaining_batches(dataset: Path, world: int, drop_last: bool,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_yields_exactly_the_remaining_batches(
+    dataset: Path, world: int, drop_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kw = dict(world_size=world, shuffle=True, shuffle_buffer_rows=5, seed=4, drop_last=drop_last)
     for rank in range(world):
         full_reader = ParquetBatchReader(str(dataset), "train", 2, rank=rank, **kw)
@@ -233,9 +282,11 @@ def test_resume_yields_exactly_the_remaining_batches(dataset: Path, world: int, 
 
             monkeypatch.setattr(resumed, "_to_batch", counting)
             resumed.load_state_dict(state)
-            resumed.set_epoch(3)           # setting the loaded epoch keeps the position
+            resumed.set_epoch(3)  # setting the loaded epoch keeps the position
             rest = list(resumed)
-            assert [b.sample_ids.tolist() for b in rest] == [b.sample_ids.tolist() for b in full[k:]]
+            assert [b.sample_ids.tolist() for b in rest] == [
+                b.sample_ids.tolist() for b in full[k:]
+            ]
             for got, want in zip(rest, full[k:]):
                 assert torch.equal(got.sparse_features.values(), want.sparse_features.values())
                 assert torch.equal(got.labels, want.labels)
@@ -281,7 +332,7 @@ def test_prefetch_propagates_read_errors(dataset: Path) -> None:
     with pytest.raises(ValueError, match="part-002.parquet"):
         for b in reader:
             got.extend(b.sample_ids.tolist())
-    assert got == [SID0 + i for i in range(8)]      # the rows before the missing file arrived
+    assert got == [SID0 + i for i in range(8)]  # the rows before the missing file arrived
     assert _prefetch_threads() == []
 
 
@@ -352,9 +403,16 @@ def test_weights_misaligned_with_ids(dataset: Path) -> None:
     path = dataset / "train" / "part-001.parquet"
     table = pq.read_table(path)
     i = table.schema.get_field_index("b__weight")
-    _rewrite(path, table.set_column(i, "b__weight", pa.array([[1.0, 2.0, 3.0, 4.0, 5.0]], pa.list_(pa.float32()))))
+    _rewrite(
+        path,
+        table.set_column(
+            i, "b__weight", pa.array([[1.0, 2.0, 3.0, 4.0, 5.0]], pa.list_(pa.float32()))
+        ),
+    )
     reader = ParquetBatchReader(str(dataset), "train", 4, use_weights=True)
-    with pytest.raises(ValueError, match=r"part-001.parquet: row group 0, row 0: column 'b__weight'"):
+    with pytest.raises(
+        ValueError, match=r"part-001.parquet: row group 0, row 0: column 'b__weight'"
+    ):
         list(reader)
 
 
@@ -363,11 +421,19 @@ def test_zero_row_batch_passes_through_an_embedding_bag_collection(tmp_path: Pat
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     write_dataset(tmp_path, [[4], [6]])
-    empty = list(ParquetBatchReader(str(tmp_path), "train", 3, rank=0, world_size=3, use_weights=True))[-1]
+    empty = list(
+        ParquetBatchReader(str(tmp_path), "train", 3, rank=0, world_size=3, use_weights=True)
+    )[-1]
     assert empty.batch_size == 0
-    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=1000,
-                                                            feature_names=[f]) for f in FIELDS],
-                                 is_weighted=True)
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=f"t_{f}", embedding_dim=4, num_embeddings=1000, feature_names=[f]
+            )
+            for f in FIELDS
+        ],
+        is_weighted=True,
+    )
     assert tuple(ebc(empty.sparse_features).values().shape) == (0, 12)
 
 
@@ -387,8 +453,13 @@ def _same_batches(got: List[Batch], want: List[Batch]) -> None:
 def test_workers_yield_the_batches_of_one_worker(
     dataset: Path, workers: int, shuffle_buffer_rows: int
 ) -> None:
-    kw = dict(world_size=2, shuffle=True, shuffle_buffer_rows=shuffle_buffer_rows, seed=5,
-              use_weights=True)
+    kw = dict(
+        world_size=2,
+        shuffle=True,
+        shuffle_buffer_rows=shuffle_buffer_rows,
+        seed=5,
+        use_weights=True,
+    )
     for rank in range(2):
         for epoch in (0, 1):
             readers = []
@@ -415,8 +486,9 @@ def test_workers_resume_exactly(dataset: Path) -> None:
 
 
 def _worker_threads() -> List[threading.Thread]:
-    return [t for t in threading.enumerate()
-            if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()]
+    return [
+        t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()
+    ]
 
 
 def test_worker_errors_arrive_in_stream_order_and_threads_stop(dataset: Path) -> None:
@@ -452,6 +524,7 @@ def test_pinned_batches_are_pinned_off_the_consumer_thread(
     assert threading.main_thread().name not in pinned_in
     unpinned = list(ParquetBatchReader(str(dataset), "train", 4, use_weights=True))
     assert len(pinned_in) == 6  # nothing pinned without pin_memory
-    pinned = list(ParquetBatchReader(str(dataset), "train", 4, pin_memory=True, use_weights=True,
-                                     **kw))
+    pinned = list(
+        ParquetBatchReader(str(dataset), "train", 4, pin_memory=True, use_weights=True, **kw)
+    )
     _same_batches(pinned, unpinned)

@@ -24,19 +24,18 @@ import argparse
 import glob
 import importlib
 import importlib.util
-import itertools
 import os
 import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import pytest
+import tomllib
 
 from dtn_torchrec.train.config import load_run_config
 
@@ -259,8 +258,12 @@ def _check_runs_as_script(path: str, where: str) -> None:
         assert not own_imports, f"{where}: imports its package; write `python -m {module}`"
 
 
-_PARSE_METHODS = ("parse_args", "parse_known_args", "parse_intermixed_args",
-                  "parse_known_intermixed_args")
+_PARSE_METHODS = (
+    "parse_args",
+    "parse_known_args",
+    "parse_intermixed_args",
+    "parse_known_intermixed_args",
+)
 
 
 def parse_with_main(main: Callable[..., Any], args: List[str], where: str) -> argparse.Namespace:
@@ -396,10 +399,39 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
     raw, data = root / "raw", root / "data"
     # 1200 train rows after the valid split: two batches of the demo configs' 512.
-    assert synth.main(["--output", str(raw), "--train-rows", "1500", "--test-rows", "300",
-                       "--id-scale", "0.002", "--history-scale", "0.1"]) == 0
-    assert prepare.main(["--format", "aliccp-raw", "--input", str(raw), "--output", str(data),
-                         "--valid-fraction", "0.2", "--quiet"]) == 0
+    assert (
+        synth.main(
+            [
+                "--output",
+                str(raw),
+                "--train-rows",
+                "1500",
+                "--test-rows",
+                "300",
+                "--id-scale",
+                "0.002",
+                "--history-scale",
+                "0.1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        prepare.main(
+            [
+                "--format",
+                "aliccp-raw",
+                "--input",
+                str(raw),
+                "--output",
+                str(data),
+                "--valid-fraction",
+                "0.2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return {"raw": str(raw), "data": str(data)}
 
 
@@ -459,8 +491,9 @@ def _run_in_process(command: DocCommand, paths: Dict[str, str]) -> int:
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.program in RUN_FAST], ids=str)
-def test_data_command_runs(command: DocCommand, tiny: Dict[str, str], tmp_path: Path,
-                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_command_runs(
+    command: DocCommand, tiny: Dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(_sandbox(tmp_path, tiny))
     # Outputs go to fresh directories; dtn-prepare reads the tiny raw set.
     paths = dict(tiny, data=str(tmp_path / "prepared"))
@@ -471,8 +504,9 @@ def test_data_command_runs(command: DocCommand, tiny: Dict[str, str], tmp_path: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.program in RUN_SLOW], ids=str)
-def test_planning_command_runs(command: DocCommand, tiny: Dict[str, str], tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_planning_command_runs(
+    command: DocCommand, tiny: Dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(_sandbox(tmp_path, tiny))
     expected = 1 if "exit 1" in command.note else 0
     assert _run_in_process(command, tiny) == expected
@@ -483,8 +517,9 @@ WORKER_COMMANDS = ("dtn-train", "dtn-predict", "dtn-analyze")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("document", DOCUMENTS)
-def test_train_predict_analyze_chain_runs(document: str, tiny: Dict[str, str],
-                                          tmp_path: Path) -> None:
+def test_train_predict_analyze_chain_runs(
+    document: str, tiny: Dict[str, str], tmp_path: Path
+) -> None:
     """The document's dtn-train, dtn-predict and dtn-analyze lines, in order, as separate
     processes on the tiny dataset (each rank command ends its process through ``os._exit``)."""
     sandbox = _sandbox(tmp_path, tiny)
@@ -496,7 +531,10 @@ def test_train_predict_analyze_chain_runs(document: str, tiny: Dict[str, str],
     for command in chain:
         argv = resolve_argv(command.argv, tiny)
         result = subprocess.run(
-            [str(bin_dir / argv[0]), *argv[1:]], cwd=sandbox, capture_output=True, text=True,
+            [str(bin_dir / argv[0]), *argv[1:]],
+            cwd=sandbox,
+            capture_output=True,
+            text=True,
             timeout=600,
         )
         reason = " | ".join(result.stderr.strip().splitlines()[-3:])

@@ -49,33 +49,79 @@ def parse_split(raw: Path, split: str) -> Dict[int, Row]:
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("roundtrip") / "raw"
-    assert synth_main(["--output", str(out), "--train-rows", "1500", "--test-rows", "700", "--seed", "21",
-                       "--id-scale", "0.01", "--history-scale", "0.03", "--rows-per-user", "15",
-                       "--invalid-rows", "2"]) == 0
+    assert (
+        synth_main(
+            [
+                "--output",
+                str(out),
+                "--train-rows",
+                "1500",
+                "--test-rows",
+                "700",
+                "--seed",
+                "21",
+                "--id-scale",
+                "0.01",
+                "--history-scale",
+                "0.03",
+                "--rows-per-user",
+                "15",
+                "--invalid-rows",
+                "2",
+            ]
+        )
+        == 0
+    )
     return out
 
 
-def read_rows(dataset: Path, split: str) -> Dict[int, Tuple[List[float], Dict[str, List[int]], Dict[str, List[float]]]]:
+def read_rows(
+    dataset: Path, split: str
+) -> Dict[int, Tuple[List[float], Dict[str, List[int]], Dict[str, List[float]]]]:
     out = {}
     for rank in range(2):
-        reader = ParquetBatchReader(str(dataset), split, 64, rank=rank, world_size=2, shuffle=True,
-                                    shuffle_buffer_rows=200, seed=1, use_weights=True)
+        reader = ParquetBatchReader(
+            str(dataset),
+            split,
+            64,
+            rank=rank,
+            world_size=2,
+            shuffle=True,
+            shuffle_buffer_rows=200,
+            seed=1,
+            use_weights=True,
+        )
         for batch in reader:
             per_key = batch.sparse_features.to_dict()
             dense_ids = {f: jt.to_dense() for f, jt in per_key.items()}
             dense_w = {f: jt.to_dense_weights() for f, jt in per_key.items()}
             for pos, sid in enumerate(batch.sample_ids.tolist()):
                 assert sid not in out
-                out[sid] = (batch.labels[pos].tolist(), {f: dense_ids[f][pos].tolist() for f in ALICCP_FIELDS},
-                            {f: dense_w[f][pos].tolist() for f in ALICCP_FIELDS})
+                out[sid] = (
+                    batch.labels[pos].tolist(),
+                    {f: dense_ids[f][pos].tolist() for f in ALICCP_FIELDS},
+                    {f: dense_w[f][pos].tolist() for f in ALICCP_FIELDS},
+                )
     return out
 
 
+@pytest.mark.slow  # synthesises and converts a dataset per mapping
 @pytest.mark.parametrize("mapping", ["vocab", "hash"])
 def test_synth_prepare_reader_roundtrip(raw: Path, tmp_path: Path, mapping: str) -> None:
     dataset = tmp_path / mapping
-    args = ["--format", "aliccp-raw", "--input", str(raw), "--output", str(dataset), "--id-mapping", mapping,
-            "--quiet", "--row-group-rows", "300"]
+    args = [
+        "--format",
+        "aliccp-raw",
+        "--input",
+        str(raw),
+        "--output",
+        str(dataset),
+        "--id-mapping",
+        mapping,
+        "--quiet",
+        "--row-group-rows",
+        "300",
+    ]
     if mapping == "hash":
         args += ["--hash-size", str(HASH_SIZE)]
     assert prepare_main(args) == 0
@@ -87,20 +133,37 @@ def test_synth_prepare_reader_roundtrip(raw: Path, tmp_path: Path, mapping: str)
     assert 0 < len(valid_ids) < len(file_ids) // 5
     train = {sid: row for sid, row in train_file.items() if sid not in valid_ids}
     valid = {sid: row for sid, row in train_file.items() if sid in valid_ids}
-    if mapping == "vocab":  # vocabulary rebuilt from the raw train text: sorted distinct ids -> 1..V
-        vocab = {f: {r: i + 1 for i, r in enumerate(sorted({x for row in train.values() for x in row[2].get(f, [])}))}
-                 for f in ALICCP_FIELDS}
-        assert [schema.field(f).num_embeddings for f in ALICCP_FIELDS] == [len(vocab[f]) + 1 for f in ALICCP_FIELDS]
+    if (
+        mapping == "vocab"
+    ):  # vocabulary rebuilt from the raw train text: sorted distinct ids -> 1..V
+        vocab = {
+            f: {
+                r: i + 1
+                for i, r in enumerate(
+                    sorted({x for row in train.values() for x in row[2].get(f, [])})
+                )
+            }
+            for f in ALICCP_FIELDS
+        }
+        assert [schema.field(f).num_embeddings for f in ALICCP_FIELDS] == [
+            len(vocab[f]) + 1 for f in ALICCP_FIELDS
+        ]
 
         def mapped(field: str, ids: List[int]) -> List[int]:
             return [vocab[field].get(x, 0) for x in ids]
     else:
+
         def mapped(field: str, ids: List[int]) -> List[int]:
             return [1 + x % (HASH_SIZE - 1) for x in ids]
 
-    assert schema.splits["train"].rows + schema.splits["valid"].rows == truth["counts"]["train"]["valid_rows"]
+    assert (
+        schema.splits["train"].rows + schema.splits["valid"].rows
+        == truth["counts"]["train"]["valid_rows"]
+    )
     assert schema.splits["test"].rows == truth["counts"]["test"]["valid_rows"]
-    assert sum(schema.splits[s].dropped.get("click0_conversion1", 0) for s in ("train", "valid")) == 2
+    assert (
+        sum(schema.splits[s].dropped.get("click0_conversion1", 0) for s in ("train", "valid")) == 2
+    )
     assert schema.splits["test"].dropped == {"click0_conversion1": 2}
     for split in ("train", "valid", "test"):
         expected = {"train": train, "valid": valid}.get(split) or parse_split(raw, split)
@@ -112,4 +175,8 @@ def test_synth_prepare_reader_roundtrip(raw: Path, tmp_path: Path, mapping: str)
             assert labels == [float(click), float(conv)]
             for f in ALICCP_FIELDS:
                 assert got_ids[f] == mapped(f, ids.get(f, [])), (split, sid, f)
-                assert got_w[f] == [float(np.float32(v)) for v in values.get(f, [])], (split, sid, f)
+                assert got_w[f] == [float(np.float32(v)) for v in values.get(f, [])], (
+                    split,
+                    sid,
+                    f,
+                )

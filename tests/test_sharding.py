@@ -7,11 +7,11 @@ from typing import Any, Dict, List, Optional
 import pytest
 import torch
 import torch.nn as nn
+from dist_utils import run_on_ranks
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-from dist_utils import run_on_ranks
 from toy_model import BAG_FEATURES, BAG_ROWS, ToyModel, ToyTrain, bag_table
+
 from dtn_torchrec.distributed.config import ShardingConfig, TableShardingConfig
 from dtn_torchrec.distributed.planning import (
     column_shards,
@@ -198,7 +198,6 @@ def _check_against_reference(table_types: Dict[str, List[str]]) -> Dict[str, Any
     unsharded copy with the same weights, stepped with SGD on the mean of both ranks' losses
     (fused tables at the sparse lr; data_parallel tables and the tower at the dense lr)."""
     import torch.distributed as dist
-
     from toy_model import (
         local_state,
         make_batch,
@@ -206,6 +205,7 @@ def _check_against_reference(table_types: Dict[str, List[str]]) -> Dict[str, Any
         slice_of,
         write_known_values,
     )
+
     from dtn_torchrec.distributed.config import DenseOptimizerConfig, SparseOptimizerConfig
     from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
     from dtn_torchrec.distributed.parallel import shard_model

@@ -10,7 +10,6 @@ from typing import ClassVar, Dict, List, Literal, Optional, Tuple
 
 import pytest
 
-from dtn_torchrec.train.config import load_run_config, run_config_from_dict, run_config_to_dict
 from dtn_torchrec.dataclass_config import (
     ConfigError,
     ConfigRegistry,
@@ -19,6 +18,7 @@ from dtn_torchrec.dataclass_config import (
     dataclass_from_dict,
     parse_override,
 )
+from dtn_torchrec.train.config import load_run_config, run_config_from_dict, run_config_to_dict
 
 
 @dataclass
@@ -62,7 +62,10 @@ def test_nested_dataclasses_defaults_and_conversions() -> None:
     "raw, message",
     [
         ({"inner": {"width": 1}, "nmae": "y"}, r"^nmae: unknown key; did you mean 'name'\?"),
-        ({"inner": {"width": 1, "rte": 2.0}}, r"^inner\.rte: unknown key; did you mean 'inner\.rate'"),
+        (
+            {"inner": {"width": 1, "rte": 2.0}},
+            r"^inner\.rte: unknown key; did you mean 'inner\.rate'",
+        ),
         ({"inner": {}}, r"^inner\.width: required key is missing"),
         ({"inner": {"width": "3"}}, r"^inner\.width: expected an integer, got '3'"),
         ({"inner": {"width": 2.5}}, r"^inner\.width: expected an integer"),
@@ -74,7 +77,10 @@ def test_nested_dataclasses_defaults_and_conversions() -> None:
         ({"inner": {"width": 1}, "pair": [1.0]}, r"^pair: expected 2 items, got 1"),
         ({"inner": {"width": 1, "tags": "a"}}, r"^inner\.tags: expected a list"),
         ({"inner": {"width": 1, "tags": [1]}}, r"^inner\.tags\[0\]: expected a string"),
-        ({"inner": {"width": 1}, "tables": {"t": {"width": "w"}}}, r"^tables\.t\.width: expected an integer"),
+        (
+            {"inner": {"width": 1}, "tables": {"t": {"width": "w"}}},
+            r"^tables\.t\.width: expected an integer",
+        ),
         ({"inner": 3}, r"^inner: expected a mapping, got 3"),
     ],
 )
@@ -190,8 +196,12 @@ def test_tagged_union_in_both_layouts_round_trips() -> None:
     echo = config_to_dict(cfg)
     assert echo == {
         "name": "row",
-        "row": {"shapes": [{"kind": "circle", "size": 1, "radius": 2.0},
-                           {"kind": "square", "size": 1, "side": 1.0}]},
+        "row": {
+            "shapes": [
+                {"kind": "circle", "size": 1, "radius": 2.0},
+                {"kind": "square", "size": 1, "side": 1.0},
+            ]
+        },
         "title": "",
     }
     assert dataclass_from_dict(Drawing, echo) == cfg
@@ -202,20 +212,32 @@ def test_tagged_union_in_both_layouts_round_trips() -> None:
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"name": "row", "row": {"shapes": [{"kind": "circle", "colour": 2}]}},
-         r"^row\.shapes\[0\]\.colour: not a field of the circle shape "
-         r"\(fields: kind, size, radius\)$"),
-        ({"name": "row", "row": {"shapes": [{"kind": "circle", "radus": 2}]}},
-         r"^row\.shapes\[0\]\.radus: not a field of the circle shape; did you mean "
-         r"'row\.shapes\[0\]\.radius'\?"),
-        ({"name": "row", "row": {"shapes": [{"size": 2}]}},
-         r"^row\.shapes\[0\]\.kind: required key is missing \(one of \['circle', 'square'\]\)"),
-        ({"name": "row", "row": {"shapes": [{"kind": "cube"}]}},
-         r"^row\.shapes\[0\]\.kind: 'cube' is not one of \['circle', 'square'\]"),
-        ({"name": "row", "row": {"shapes": [{"kind": "square", "side": 0}]}},
-         r"^row\.shapes\[0\]\.side: must be > 0, got 0"),
-        ({"name": "row", "grid": {"columns": 3}},
-         r"^grid: settings of the 'grid' layout, but name is 'row'; they would be ignored"),
+        (
+            {"name": "row", "row": {"shapes": [{"kind": "circle", "colour": 2}]}},
+            r"^row\.shapes\[0\]\.colour: not a field of the circle shape "
+            r"\(fields: kind, size, radius\)$",
+        ),
+        (
+            {"name": "row", "row": {"shapes": [{"kind": "circle", "radus": 2}]}},
+            r"^row\.shapes\[0\]\.radus: not a field of the circle shape; did you mean "
+            r"'row\.shapes\[0\]\.radius'\?",
+        ),
+        (
+            {"name": "row", "row": {"shapes": [{"size": 2}]}},
+            r"^row\.shapes\[0\]\.kind: required key is missing \(one of \['circle', 'square'\]\)",
+        ),
+        (
+            {"name": "row", "row": {"shapes": [{"kind": "cube"}]}},
+            r"^row\.shapes\[0\]\.kind: 'cube' is not one of \['circle', 'square'\]",
+        ),
+        (
+            {"name": "row", "row": {"shapes": [{"kind": "square", "side": 0}]}},
+            r"^row\.shapes\[0\]\.side: must be > 0, got 0",
+        ),
+        (
+            {"name": "row", "grid": {"columns": 3}},
+            r"^grid: settings of the 'grid' layout, but name is 'row'; they would be ignored",
+        ),
         ({"row": {}}, r"^row: settings of the 'row' layout, but name is 'grid'"),
         ({"name": "column"}, r"^name: 'column' is not one of \['grid', 'row'\]"),
         ({"name": "grid", "grid": {"shapes": []}}, r"^grid\.shapes: not a field of the grid "),
@@ -247,10 +269,16 @@ def test_overrides_reach_every_section(tmp_path: Path) -> None:
     cfg = load_run_config(
         REPO / "configs/dtn_demo.yaml",
         [
-            "data.path=/data/x", "seed=11", "train.epochs=3", "train.max_steps=100",
-            "model.dtn.methods.1.num_buckets=7", "model.tower.hidden_dims=[8, 4]",
-            "train.dense_optimizer.lr=1e-4", "train.pipeline=plain",
-            "sharding.sharding_types=[table_wise]", "output.dir=" + str(tmp_path),
+            "data.path=/data/x",
+            "seed=11",
+            "train.epochs=3",
+            "train.max_steps=100",
+            "model.dtn.methods.1.num_buckets=7",
+            "model.tower.hidden_dims=[8, 4]",
+            "train.dense_optimizer.lr=1e-4",
+            "train.pipeline=plain",
+            "sharding.sharding_types=[table_wise]",
+            "output.dir=" + str(tmp_path),
         ],
     )
     assert cfg.data.path == "/data/x" and cfg.seed == 11
@@ -271,7 +299,10 @@ def test_overrides_reach_every_section(tmp_path: Path) -> None:
         ("train.epoch=3", r"train\.epoch: unknown key; did you mean 'train\.epochs'\?"),
         ("train.epochs=two", r"train\.epochs: expected an integer, got 'two'"),
         ("train.epochs=0", r"train\.epochs: must be > 0, got 0"),
-        ("train.pipeline=async", r"train\.pipeline: 'async' is not one of \['sparse_dist', 'plain'\]"),
+        (
+            "train.pipeline=async",
+            r"train\.pipeline: 'async' is not one of \['sparse_dist', 'plain'\]",
+        ),
         ("data.shuffle=maybe", r"data\.shuffle: expected true or false, got 'maybe'"),
         ("data.reader_workers=0", r"data\.reader_workers: must be > 0, got 0"),
         ("output.tensorboard=1", r"output\.tensorboard: expected true or false, got 1"),
@@ -287,8 +318,11 @@ def test_overrides_reach_every_section(tmp_path: Path) -> None:
             "model.dtn.methods.2.num_buckets=3",
             r"model\.dtn\.methods\[2\]\.num_buckets: not a field of the gdcn expert \(fields: ",
         ),
-        ("model.dtn.methods.3.num_buckets=3", r"model\.dtn\.methods\.3: no item '3' in "
-         r"model\.dtn\.methods, a list of 3"),
+        (
+            "model.dtn.methods.3.num_buckets=3",
+            r"model\.dtn\.methods\.3: no item '3' in "
+            r"model\.dtn\.methods, a list of 3",
+        ),
         ("model.dtn.methods.one.num_buckets=3", r"model\.dtn\.methods\.one: no item 'one'"),
         ("model.mmoe.num_experts=4", r"model\.mmoe: settings of the 'mmoe' architecture"),
         ("train.sparse_optimizer.name=lamb", r"train\.sparse_optimizer\.name: unknown 'lamb'"),
@@ -325,9 +359,17 @@ def test_architecture_switch_drops_the_other_section() -> None:
 @pytest.mark.slow
 def test_dtn_train_rejects_bad_override_with_one_line_reason() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "dtn_torchrec.cli.train", "--config",
-         str(REPO / "configs/dtn_demo.yaml"), "train.epoch=3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "dtn_torchrec.cli.train",
+            "--config",
+            str(REPO / "configs/dtn_demo.yaml"),
+            "train.epoch=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]

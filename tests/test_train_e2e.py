@@ -16,10 +16,10 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+from dist_utils import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from dist_utils import free_port
 from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.data.synth import SynthConfig, generate
@@ -69,7 +69,12 @@ def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 def _run(cmd: List[str], *, env: Optional[Dict[str, str]] = None, cwd: Path = REPO) -> str:
     # Own process group, so a timeout also ends torchrun's workers (and TorchX's torchrun).
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=cwd,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -84,8 +89,18 @@ def _run(cmd: List[str], *, env: Optional[Dict[str, str]] = None, cwd: Path = RE
 
 def _torchrun(nproc: int, args: List[str], env: Optional[Dict[str, str]] = None) -> str:
     return _run(
-        [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
-         "--rdzv_endpoint", "localhost:0", "-m", "dtn_torchrec.cli.train", *args],
+        [
+            str(VENV_BIN / "torchrun"),
+            "--nproc_per_node",
+            str(nproc),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+            "-m",
+            "dtn_torchrec.cli.train",
+            *args,
+        ],
         env=env,
     )
 
@@ -116,12 +131,19 @@ def _assert_same_metrics(a: dict, b: dict, split: str = "test", tol: float = 1e-
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     generate(
-        SynthConfig(train_rows=900, test_rows=301, seed=20240, id_scale=0.001,
-                    history_scale=0.05, rows_per_user=5),
+        SynthConfig(
+            train_rows=900,
+            test_rows=301,
+            seed=20240,
+            id_scale=0.001,
+            history_scale=0.05,
+            rows_per_user=5,
+        ),
         root / "raw",
     )
-    prepare_dataset("aliccp-raw", root / "raw", root / "data",
-                    PrepareOptions(valid_fraction=0.15, seed=1))
+    prepare_dataset(
+        "aliccp-raw", root / "raw", root / "data", PrepareOptions(valid_fraction=0.15, seed=1)
+    )
     return root / "data"
 
 
@@ -136,8 +158,9 @@ def tiny_config(dataset: Path, tmp_path_factory) -> Path:
 def uninterrupted(tiny_config: Path, tmp_path_factory) -> Path:
     """2 ranks, 2 epochs, checkpoints every 2 steps, without interruption (the reference)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    _torchrun(2, ["--config", str(tiny_config), f"output.dir={out}",
-                  "train.checkpoint_every_steps=2"])
+    _torchrun(
+        2, ["--config", str(tiny_config), f"output.dir={out}", "train.checkpoint_every_steps=2"]
+    )
     return out
 
 
@@ -148,9 +171,20 @@ def test_two_ranks_dtn_demo_config_writes_contract_summary(dataset: Path, tmp_pa
     # 301 test rows = 150 on rank 0 + 151 on rank 1: with 150-row eval batches rank 0's second
     # batch has 0 rows, and the sharded forward must still run on both ranks.
     assert schema.splits["test"].rows == 301
-    log = _torchrun(2, ["--config", str(REPO / "configs/dtn_demo.yaml"), f"data.path={dataset}",
-                        f"output.dir={out}", "data.batch_size=64", "data.eval_batch_size=150",
-                        "train.max_steps=4", "train.eval_every_steps=2", "train.log_every_steps=1"])
+    log = _torchrun(
+        2,
+        [
+            "--config",
+            str(REPO / "configs/dtn_demo.yaml"),
+            f"data.path={dataset}",
+            f"output.dir={out}",
+            "data.batch_size=64",
+            "data.eval_batch_size=150",
+            "train.max_steps=4",
+            "train.eval_every_steps=2",
+            "train.log_every_steps=1",
+        ],
+    )
     summary = _summary(out)
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["throughput"]["samples_per_s"] > 0
@@ -201,8 +235,16 @@ def test_plain_loop_matches_pipeline(
 ) -> None:
     # TrainPipelineSparseDist only reorders when the input all-to-all runs, not what is computed
     out = tmp_path / "plain"
-    _torchrun(2, ["--config", str(tiny_config), f"output.dir={out}", "train.pipeline=plain",
-                  "train.checkpoint_every_steps=2"])
+    _torchrun(
+        2,
+        [
+            "--config",
+            str(tiny_config),
+            f"output.dir={out}",
+            "train.pipeline=plain",
+            "train.checkpoint_every_steps=2",
+        ],
+    )
     assert _summary(out)["steps"] == _summary(uninterrupted)["steps"]
     _assert_same_metrics(_summary(uninterrupted), _summary(out))
 
@@ -213,20 +255,23 @@ def test_checkpoint_reshards_between_two_ranks_and_one(tiny_config: Path, tmp_pa
     _torchrun(2, ["--config", str(tiny_config), f"output.dir={two}", "train.max_steps=5"])
     on_two = _summary(two)
     # one rank loads the two-rank checkpoint: nothing left to train, the evaluation matches
-    _torchrun(1, ["--config", str(tiny_config), f"output.dir={two}", "train.max_steps=5",
-                  "--resume"])
+    _torchrun(
+        1, ["--config", str(tiny_config), f"output.dir={two}", "train.max_steps=5", "--resume"]
+    )
     assert _summary(two)["world_size"] == 1 and _summary(two)["resumed_from_step"] == 5
     _assert_same_metrics(on_two, _summary(two))
 
     one = tmp_path / "one"
     _torchrun(1, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=4"])
     on_one = _summary(one)
-    _torchrun(2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=4",
-                  "--resume"])
+    _torchrun(
+        2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=4", "--resume"]
+    )
     _assert_same_metrics(on_one, _summary(one))
     # and training continues on the new layout
-    _torchrun(2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=6",
-                  "--resume"])
+    _torchrun(
+        2, ["--config", str(tiny_config), f"output.dir={one}", "train.max_steps=6", "--resume"]
+    )
     assert _summary(one)["steps"] == 6 and _summary(one)["world_size"] == 2
 
 
@@ -237,10 +282,24 @@ def test_restart_after_killed_worker_matches_uninterrupted(
     out = tmp_path / "killed"
     # torchrun shares one store across restart rounds unless told not to (launchers/components.py)
     log = _run(
-        [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--max-restarts", "1",
-         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-         str(REPO / "tests" / "train_fault_worker.py"), "--kill-at", "1:5",
-         "--config", str(tiny_config), f"output.dir={out}", "train.checkpoint_every_steps=2"],
+        [
+            str(VENV_BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--max-restarts",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+            str(REPO / "tests" / "train_fault_worker.py"),
+            "--kill-at",
+            "1:5",
+            "--config",
+            str(tiny_config),
+            f"output.dir={out}",
+            "train.checkpoint_every_steps=2",
+        ],
         env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
     )
     summary = _summary(out)
@@ -254,9 +313,24 @@ def test_restart_after_killed_worker_matches_uninterrupted(
 def test_torchx_two_nodes_of_one_rank(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "2x1"
     _run(
-        [str(VENV_BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
-         "launchers/components.py:train", "-j", "2x1", "--rdzv_port", str(free_port()),
-         "--", "--config", str(tiny_config), f"output.dir={out}", "train.max_steps=3"],
+        [
+            str(VENV_BIN / "torchx"),
+            "run",
+            "-s",
+            "local_cwd",
+            "-cfg",
+            f"log_dir={tmp_path / 'logs'}",
+            "launchers/components.py:train",
+            "-j",
+            "2x1",
+            "--rdzv_port",
+            str(free_port()),
+            "--",
+            "--config",
+            str(tiny_config),
+            f"output.dir={out}",
+            "train.max_steps=3",
+        ],
         cwd=REPO,
     )
     summary = _summary(out)

@@ -32,21 +32,33 @@ REAL_EVALUATE = Evaluator.evaluate
 def _config(data: Path, out: Path, train: Dict[str, Any], data_extra: Dict[str, Any]) -> Dict:
     return {
         "seed": 5,
-        "data": {"path": str(data), "batch_size": BATCH, "eval_batch_size": 128,
-                 "shuffle_buffer_rows": 256, **data_extra},
+        "data": {
+            "path": str(data),
+            "batch_size": BATCH,
+            "eval_batch_size": 128,
+            "shuffle_buffer_rows": 256,
+            **data_extra,
+        },
         "model": {
             "name": "mmoe",
             "tasks": ["click", "conversion"],
             "embedding": {"embedding_dim": 8, "pooling": "mean"},
             "tower": {"hidden_dims": [16]},
-            "mmoe": {"num_experts": 2,
-                     "expert": {"kind": "mlp", "hidden_dims": [16], "output_dim": 16}},
+            "mmoe": {
+                "num_experts": 2,
+                "expert": {"kind": "mlp", "hidden_dims": [16], "output_dim": 16},
+            },
         },
         "train": {
             "epochs": 2,
             "log_every_steps": 2,
-            "dense_optimizer": {"name": "adam", "lr": 3.0e-3, "warmup_steps": 2,
-                                "decay": "linear", "decay_steps": 10},
+            "dense_optimizer": {
+                "name": "adam",
+                "lr": 3.0e-3,
+                "warmup_steps": 2,
+                "decay": "linear",
+                "decay_steps": 10,
+            },
             "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
             **train,
         },
@@ -68,12 +80,22 @@ def rank() -> Iterator[DistributedContext]:
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trainer")
     generate(
-        SynthConfig(train_rows=900, test_rows=301, seed=20240, id_scale=0.001,
-                    history_scale=0.05, rows_per_user=5),
+        SynthConfig(
+            train_rows=900,
+            test_rows=301,
+            seed=20240,
+            id_scale=0.001,
+            history_scale=0.05,
+            rows_per_user=5,
+        ),
         root / "raw",
     )
-    prepare_dataset("aliccp-raw", root / "raw", root / "data",
-                    PrepareOptions(valid_fraction=0.15, seed=1, progress=False))
+    prepare_dataset(
+        "aliccp-raw",
+        root / "raw",
+        root / "data",
+        PrepareOptions(valid_fraction=0.15, seed=1, progress=False),
+    )
     return root / "data"
 
 
@@ -137,7 +159,8 @@ def test_steps_evaluations_and_checkpoints(rank, dataset: Path, tmp_path: Path) 
     # the run returns the better of its two valid evaluations, with every split at that step
     scores = {
         h["step"]: (h["metrics"]["click"]["auc"] + h["metrics"]["conversion"]["auc"]) / 2
-        for h in summary["history"] if h["split"] == "valid"
+        for h in summary["history"]
+        if h["split"] == "valid"
     }
     best = max(scores, key=lambda step: (scores[step], -step))
     assert summary["selected"]["step"] == best
@@ -199,14 +222,22 @@ def test_without_valid_split_the_last_evaluation_is_reported(
     rank, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     summary = _train(
-        rank, dataset, tmp_path / "run", data={"valid_split": None}, max_steps=4,
+        rank,
+        dataset,
+        tmp_path / "run",
+        data={"valid_split": None},
+        max_steps=4,
         eval_every_steps=2,
     )
     assert _evaluated_steps(summary, "test") == [2, 4] and "valid" not in summary
     assert summary["test"] == metrics_at(summary["history"], 4)["test"]
     assert summary["selected"] == {
-        "step": 4, "epoch": 0, "valid": None, "score": None,
-        "rule": "last evaluation (no valid split)", "stopped_early": False,
+        "step": 4,
+        "epoch": 0,
+        "valid": None,
+        "score": None,
+        "rule": "last evaluation (no valid split)",
+        "stopped_early": False,
     }
     assert capsys.readouterr().err.count("no valid split to select on") == 1
 

@@ -34,13 +34,41 @@ def _mean_auc(metrics: Dict[str, Dict[str, float]]) -> float:
 @pytest.mark.slow
 def test_three_epochs_report_the_test_metrics_of_the_best_valid_epoch(tmp_path: Path) -> None:
     raw, data, out = tmp_path / "raw", tmp_path / "data", tmp_path / "run"
-    _run([str(VENV_BIN / "dtn-synth"), "--output", str(raw), "--train-rows", "20000",
-          "--test-rows", "5000", "--seed", "3"])
-    _run([str(VENV_BIN / "dtn-prepare"), "--format", "aliccp-raw", "--input", str(raw),
-          "--output", str(data)])
-    _run([str(VENV_BIN / "dtn-train"), "--config", str(REPO / "configs" / "dtn_demo.yaml"),
-          f"data.path={data}", f"output.dir={out}", "train.epochs=3",
-          "output.tensorboard=false"])
+    _run(
+        [
+            str(VENV_BIN / "dtn-synth"),
+            "--output",
+            str(raw),
+            "--train-rows",
+            "20000",
+            "--test-rows",
+            "5000",
+            "--seed",
+            "3",
+        ]
+    )
+    _run(
+        [
+            str(VENV_BIN / "dtn-prepare"),
+            "--format",
+            "aliccp-raw",
+            "--input",
+            str(raw),
+            "--output",
+            str(data),
+        ]
+    )
+    _run(
+        [
+            str(VENV_BIN / "dtn-train"),
+            "--config",
+            str(REPO / "configs" / "dtn_demo.yaml"),
+            f"data.path={data}",
+            f"output.dir={out}",
+            "train.epochs=3",
+            "output.tensorboard=false",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     history = summary["history"]
     valid = {h["step"]: _mean_auc(h["metrics"]) for h in history if h["split"] == "valid"}

@@ -45,8 +45,13 @@ def test_score_is_the_task_metric_or_its_mean_over_tasks() -> None:
 def test_select_takes_the_best_valid_evaluation_and_counts_the_stale_ones() -> None:
     # mean valid AUC 0.60, 0.75, 0.70, 0.75 (a tie: the earlier one stays), 0.72
     history = _history(
-        [_metrics(0.6, 0.6), _metrics(0.7, 0.8), _metrics(0.7, 0.7), _metrics(0.8, 0.7),
-         _metrics(0.72, 0.72)],
+        [
+            _metrics(0.6, 0.6),
+            _metrics(0.7, 0.8),
+            _metrics(0.7, 0.7),
+            _metrics(0.8, 0.7),
+            _metrics(0.72, 0.72),
+        ],
         # test would pick the last one: it is never looked at
         test=[_metrics(0.5, 0.5)] * 4 + [_metrics(0.99, 0.99)],
     )
@@ -90,9 +95,19 @@ def test_last_evaluation_is_the_newest_of_any_split() -> None:
 
 def _summary(selection: Selection, history: List[Dict], valid_split: Optional[str]) -> Dict:
     return build_summary(
-        selection=selection, select=SelectConfig(), valid_split=valid_split, stopped_early=True,
-        train_samples=100, train_seconds=2.0, world_size=1, steps=50, epochs=2,
-        resumed_from_step=0, tasks=["click", "conversion"], history=history, config={},
+        selection=selection,
+        select=SelectConfig(),
+        valid_split=valid_split,
+        stopped_early=True,
+        train_samples=100,
+        train_seconds=2.0,
+        world_size=1,
+        steps=50,
+        epochs=2,
+        resumed_from_step=0,
+        tasks=["click", "conversion"],
+        history=history,
+        config={},
     )
 
 
@@ -103,8 +118,12 @@ def test_summary_reports_every_split_at_the_selected_step() -> None:
     summary = _summary(select(history, "valid", SelectConfig()), history, "valid")
     assert summary["test"] == test[1] and summary["valid"] == valid[1]
     assert summary["selected"] == {
-        "step": 20, "epoch": 1, "valid": valid[1], "score": pytest.approx(0.8),
-        "rule": "max mean valid auc", "stopped_early": True,
+        "step": 20,
+        "epoch": 1,
+        "valid": valid[1],
+        "score": pytest.approx(0.8),
+        "rule": "max mean valid auc",
+        "stopped_early": True,
     }
     assert summary["steps"] == 50 and summary["history"] == history
     assert summary["throughput"]["samples_per_s"] == 50.0

@@ -200,4 +200,3 @@ def reference_sgd_step(
         for name, param in reference.named_parameters():
             param -= lrs[name] * param.grad
     return logits
-

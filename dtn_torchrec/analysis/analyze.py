@@ -14,6 +14,7 @@ from dtn_torchrec.analysis.importance import (
 )
 from dtn_torchrec.analysis.report import write_report
 from dtn_torchrec.analysis.rows import EvalRows
+from dtn_torchrec.atomic_files import claim_output_dir
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.serving.loading import (
@@ -22,7 +23,6 @@ from dtn_torchrec.serving.loading import (
     model_schema,
     resolve_checkpoint,
 )
-from dtn_torchrec.atomic_files import claim_output_dir
 from dtn_torchrec.serving.output import staged_directory
 from dtn_torchrec.train.config import RunConfig
 

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.dataclass_config import ConfigError
 from dtn_torchrec.distributed.build import build_meta_train_model
 from dtn_torchrec.distributed.library_warnings import (
     quiet_harmless_log_lines,
@@ -42,7 +43,6 @@ from dtn_torchrec.distributed.topology import GIB, ClusterSpec
 from dtn_torchrec.models.config import ModelConfig
 from dtn_torchrec.models.stats import aliccp_reference_schema, count_parameters
 from dtn_torchrec.train.config import load_run_config
-from dtn_torchrec.dataclass_config import ConfigError
 
 PROG = "dtn-plan"
 DEFAULT_LOCAL_WORLD_SIZE = 8

@@ -29,8 +29,6 @@ import os
 import traceback
 from typing import List, NoReturn, Optional
 
-from dtn_torchrec.data.reader import ParquetBatchReader
-from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.cli.common import (
     add_allow_config_change_argument,
     add_overrides_argument,
@@ -38,6 +36,8 @@ from dtn_torchrec.cli.common import (
     apply_verbose,
     fail,
 )
+from dtn_torchrec.data.reader import ParquetBatchReader
+from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.launch import DistributedContext, init_distributed, shutdown_and_exit
 from dtn_torchrec.serving.export import (
     QUANTIZATIONS,

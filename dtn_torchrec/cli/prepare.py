@@ -83,54 +83,135 @@ def _missing_id(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected an integer, 'none' or 'default'") from None
+            f"{text!r}: expected an integer, 'none' or 'default'"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtn-prepare", description="Convert Ali-CCP (raw Tianchi files, FDN, PaddleRec "
-                                "or header CSV) into a Parquet dataset with schema.json, streaming.",
-                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dtn-prepare",
+        description="Convert Ali-CCP (raw Tianchi files, FDN, PaddleRec "
+        "or header CSV) into a Parquet dataset with schema.json, streaming.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--format", required=True, choices=FORMATS, help="input format")
-    p.add_argument("--input", required=True, metavar="PATH", help="input directory, or one file (see below)")
+    p.add_argument(
+        "--input", required=True, metavar="PATH", help="input directory, or one file (see below)"
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="dataset directory to create")
-    p.add_argument("--split", metavar="NAME", help="only this split of a directory, or the split of a single "
-                   "input file (train, valid/val/dev, test)")
-    p.add_argument("--id-mapping", choices=ID_MAPPINGS, default="vocab",
-                   help="vocab: train-split vocabulary, ids 1..V, 0 = missing/OOV; "
-                   "hash: 1 + raw mod (size-1); raw: the raw 64-bit ids, no vocabulary pass, "
-                   "distinct ids estimated (default: vocab)")
-    p.add_argument("--min-count", type=int, default=1, metavar="K",
-                   help="vocab: keep ids seen at least K times in train (default: 1)")
-    p.add_argument("--hash-size", type=int, default=DEFAULT_HASH_SIZE, metavar="N",
-                   help=f"hash: table size per field, row 0 reserved (default: {DEFAULT_HASH_SIZE})")
-    p.add_argument("--hash-sizes", type=_hash_sizes, default={}, metavar="F=N,...",
-                   help="hash: per-field table sizes, e.g. 101=500000,205=4000037")
-    p.add_argument("--vocab-from", metavar="DATASET",
-                   help="reuse the fields and id mapping of an existing dataset (e.g. to convert new test data)")
-    p.add_argument("--valid-fraction", type=float, default=None, metavar="F",
-                   help="move this share of train rows to a valid split, by a seeded hash of the "
-                   f"sample id (default: {DEFAULT_VALID_FRACTION} when the input has no valid "
-                   "split; 0: none)")
-    p.add_argument("--missing-id", type=_missing_id, default="default", metavar="V|none",
-                   help="the raw id that means missing (default: 0 for aliccp-raw, fdn, "
-                   "paddlerec; none for csv)")
+    p.add_argument(
+        "--split",
+        metavar="NAME",
+        help="only this split of a directory, or the split of a single "
+        "input file (train, valid/val/dev, test)",
+    )
+    p.add_argument(
+        "--id-mapping",
+        choices=ID_MAPPINGS,
+        default="vocab",
+        help="vocab: train-split vocabulary, ids 1..V, 0 = missing/OOV; "
+        "hash: 1 + raw mod (size-1); raw: the raw 64-bit ids, no vocabulary pass, "
+        "distinct ids estimated (default: vocab)",
+    )
+    p.add_argument(
+        "--min-count",
+        type=int,
+        default=1,
+        metavar="K",
+        help="vocab: keep ids seen at least K times in train (default: 1)",
+    )
+    p.add_argument(
+        "--hash-size",
+        type=int,
+        default=DEFAULT_HASH_SIZE,
+        metavar="N",
+        help=f"hash: table size per field, row 0 reserved (default: {DEFAULT_HASH_SIZE})",
+    )
+    p.add_argument(
+        "--hash-sizes",
+        type=_hash_sizes,
+        default={},
+        metavar="F=N,...",
+        help="hash: per-field table sizes, e.g. 101=500000,205=4000037",
+    )
+    p.add_argument(
+        "--vocab-from",
+        metavar="DATASET",
+        help="reuse the fields and id mapping of an existing dataset (e.g. to convert new test data)",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="move this share of train rows to a valid split, by a seeded hash of the "
+        f"sample id (default: {DEFAULT_VALID_FRACTION} when the input has no valid "
+        "split; 0: none)",
+    )
+    p.add_argument(
+        "--missing-id",
+        type=_missing_id,
+        default="default",
+        metavar="V|none",
+        help="the raw id that means missing (default: 0 for aliccp-raw, fdn, "
+        "paddlerec; none for csv)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the valid-split hash (default: 0)")
-    p.add_argument("--labels", type=_csv_list, metavar="A,B,...",
-                   help="csv: label columns in task order (default: click and conversion/purchase)")
-    p.add_argument("--fields", type=_csv_list, metavar="F,G,...",
-                   help="aliccp-raw/fdn/paddlerec: field names (default: the 23 Ali-CCP fields)")
-    p.add_argument("--weight-prefix", default="D", metavar="P",
-                   help="csv: column P<name> is the weight of field <name> ('' for none; default: D)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed lines and count them per reason instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
-    p.add_argument("--block-mb", type=float, default=8.0, metavar="MB", help="input parsed per block (default: 8)")
-    p.add_argument("--row-group-rows", type=int, default=65536, metavar="N",
-                   help="most rows per Parquet row group (default: 65536)")
-    p.add_argument("--max-row-group-values", type=int, default=1 << 23, metavar="N",
-                   help="most ids per Parquet row group, bounds memory (default: 8388608)")
-    p.add_argument("--rows-per-file", type=int, default=1 << 20, metavar="N",
-                   help="rows per Parquet part file (default: 1048576)")
+    p.add_argument(
+        "--labels",
+        type=_csv_list,
+        metavar="A,B,...",
+        help="csv: label columns in task order (default: click and conversion/purchase)",
+    )
+    p.add_argument(
+        "--fields",
+        type=_csv_list,
+        metavar="F,G,...",
+        help="aliccp-raw/fdn/paddlerec: field names (default: the 23 Ali-CCP fields)",
+    )
+    p.add_argument(
+        "--weight-prefix",
+        default="D",
+        metavar="P",
+        help="csv: column P<name> is the weight of field <name> ('' for none; default: D)",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed lines and count them per reason instead of stopping",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --output"
+    )
+    p.add_argument(
+        "--block-mb",
+        type=float,
+        default=8.0,
+        metavar="MB",
+        help="input parsed per block (default: 8)",
+    )
+    p.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="most rows per Parquet row group (default: 65536)",
+    )
+    p.add_argument(
+        "--max-row-group-values",
+        type=int,
+        default=1 << 23,
+        metavar="N",
+        help="most ids per Parquet row group, bounds memory (default: 8388608)",
+    )
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=1 << 20,
+        metavar="N",
+        help="rows per Parquet part file (default: 1048576)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress and no summary")
     return p
 
@@ -138,13 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     options = PrepareOptions(
-        split=args.split, id_mapping=args.id_mapping, min_count=args.min_count, hash_size=args.hash_size,
-        hash_sizes=args.hash_sizes, vocab_from=args.vocab_from, valid_fraction=args.valid_fraction,
-        seed=args.seed, missing_id=args.missing_id, labels=args.labels, fields=args.fields,
+        split=args.split,
+        id_mapping=args.id_mapping,
+        min_count=args.min_count,
+        hash_size=args.hash_size,
+        hash_sizes=args.hash_sizes,
+        vocab_from=args.vocab_from,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+        missing_id=args.missing_id,
+        labels=args.labels,
+        fields=args.fields,
         weight_prefix=args.weight_prefix,
-        skip_bad=args.skip_bad, overwrite=args.overwrite, block_bytes=max(1, int(args.block_mb * (1 << 20))),
-        row_group_rows=args.row_group_rows, max_row_group_values=args.max_row_group_values,
-        rows_per_file=args.rows_per_file, progress=False if args.quiet else None)
+        skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
+        block_bytes=max(1, int(args.block_mb * (1 << 20))),
+        row_group_rows=args.row_group_rows,
+        max_row_group_values=args.max_row_group_values,
+        rows_per_file=args.rows_per_file,
+        progress=False if args.quiet else None,
+    )
     try:
         schema = prepare_dataset(args.format, args.input, args.output, options)
     except (PrepareError, OSError, ValueError) as e:

@@ -77,9 +77,7 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
         fail(PROG, 1, str(e))
     allow_tf32(ctx.device, cfg.train.precision)
     try:
-        run_training(
-            cfg, ctx, resume=resume, allow_config_change=args.allow_config_change
-        )
+        run_training(cfg, ctx, resume=resume, allow_config_change=args.allow_config_change)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         fail(PROG, 1, f"rank {ctx.rank}: {e}")
     except Exception as e:  # noqa: BLE001 - report, then leave the job with a failure code

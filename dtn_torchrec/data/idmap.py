@@ -88,7 +88,7 @@ def map_in_place(id_map: IdMap, ids: np.ndarray, chunk: int = 1 << 22) -> None:
     """Maps ``ids`` (int64 ``[m]``) in place, ``chunk`` ids at a time (bounded temporaries for
     the hundreds of millions of ids of a common-features table)."""
     for lo in range(0, len(ids), chunk):
-        ids[lo:lo + chunk] = id_map.map(ids[lo:lo + chunk])
+        ids[lo : lo + chunk] = id_map.map(ids[lo : lo + chunk])
 
 
 class IdCounter:
@@ -144,7 +144,9 @@ def build_vocab(counter: IdCounter, min_count: int) -> VocabIdMap:
 def check_field_name(name: str) -> str:
     """Field names become Parquet columns, KJT keys and vocab file names."""
     if not _FIELD_NAME.match(name):
-        raise ValueError(f"field name {name!r} is not usable (letters, digits, '_', '.', '-'; not starting with '.' or '-')")
+        raise ValueError(
+            f"field name {name!r} is not usable (letters, digits, '_', '.', '-'; not starting with '.' or '-')"
+        )
     return name
 
 
@@ -156,7 +158,9 @@ def save_vocab(dataset_dir: Union[str, os.PathLike], field_name: str, vocab: Voc
     """Writes ``<dataset>/vocab/<field>.parquet``; returns its path relative to the dataset."""
     path = vocab_path(dataset_dir, field_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"raw_id": pa.array(vocab.raw_ids, pa.int64()), "count": pa.array(vocab.counts, pa.int64())})
+    table = pa.table(
+        {"raw_id": pa.array(vocab.raw_ids, pa.int64()), "count": pa.array(vocab.counts, pa.int64())}
+    )
     pq.write_table(table, path)
     return str(path.relative_to(dataset_dir))
 
@@ -166,12 +170,15 @@ def load_vocab(dataset_dir: Union[str, os.PathLike], field_name: str) -> VocabId
     table = pq.read_table(vocab_path(dataset_dir, field_name), columns=["raw_id", "count"])
     raw_ids = table.column("raw_id").to_numpy()
     if len(raw_ids) > 1 and not (np.diff(raw_ids) > 0).all():
-        raise ValueError(f"{vocab_path(dataset_dir, field_name)}: raw_id is not strictly increasing")
+        raise ValueError(
+            f"{vocab_path(dataset_dir, field_name)}: raw_id is not strictly increasing"
+        )
     return VocabIdMap(raw_ids, table.column("count").to_numpy())
 
 
-def load_id_maps(dataset_dir: Union[str, os.PathLike], id_mapping: str,
-                 num_embeddings: Dict[str, int]) -> Dict[str, IdMap]:
+def load_id_maps(
+    dataset_dir: Union[str, os.PathLike], id_mapping: str, num_embeddings: Dict[str, int]
+) -> Dict[str, IdMap]:
     """The id maps of an existing dataset (for ``--vocab-from``), per field."""
     if id_mapping == "raw":
         return {name: RawIdMap() for name in num_embeddings}
@@ -181,7 +188,9 @@ def load_id_maps(dataset_dir: Union[str, os.PathLike], id_mapping: str,
     for name, size in num_embeddings.items():
         vocab = load_vocab(dataset_dir, name)
         if vocab.num_embeddings != size:
-            raise ValueError(f"{vocab_path(dataset_dir, name)}: {len(vocab.raw_ids)} ids, but schema.json says "
-                             f"num_embeddings={size}")
+            raise ValueError(
+                f"{vocab_path(dataset_dir, name)}: {len(vocab.raw_ids)} ids, but schema.json says "
+                f"num_embeddings={size}"
+            )
         maps[name] = vocab
     return maps

@@ -128,16 +128,24 @@ class PrepareOptions:
 
     def validate(self) -> None:
         if self.id_mapping not in ID_MAPPINGS:
-            raise ValueError(f"id mapping {self.id_mapping!r}: choose from {', '.join(ID_MAPPINGS)}")
+            raise ValueError(
+                f"id mapping {self.id_mapping!r}: choose from {', '.join(ID_MAPPINGS)}"
+            )
         if self.min_count < 1:
             raise ValueError(f"--min-count must be >= 1, got {self.min_count}")
         if self.valid_fraction is not None and not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
-        for name, size in [("--hash-size", self.hash_size)] + [(f"--hash-sizes {k}", v) for k, v in self.hash_sizes.items()]:
+        for name, size in [("--hash-size", self.hash_size)] + [
+            (f"--hash-sizes {k}", v) for k, v in self.hash_sizes.items()
+        ]:
             if size < 2:
                 raise ValueError(f"{name} must be >= 2 (row 0 is reserved), got {size}")
-        for name, value in (("block bytes", self.block_bytes), ("row group rows", self.row_group_rows),
-                            ("row group values", self.max_row_group_values), ("rows per file", self.rows_per_file)):
+        for name, value in (
+            ("block bytes", self.block_bytes),
+            ("row group rows", self.row_group_rows),
+            ("row group values", self.max_row_group_values),
+            ("rows per file", self.rows_per_file),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
@@ -151,18 +159,29 @@ def valid_mask(sample_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
 
 
-def prepare_dataset(fmt: str, input_path: str | os.PathLike, output: str | os.PathLike,
-                    options: Optional[PrepareOptions] = None) -> SchemaSpec:
+def prepare_dataset(
+    fmt: str,
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    options: Optional[PrepareOptions] = None,
+) -> SchemaSpec:
     """Converts ``input_path`` (format ``fmt``) into a dataset at ``output``; returns its schema."""
     options = options or PrepareOptions()
     options.validate()
     sources = discover_sources(fmt, os.fspath(input_path), options.split)
-    parser = make_format(fmt, [s for files in sources.files.values() for s in files],
-                         options.fields, options.labels, options.weight_prefix,
-                         options.block_bytes, options.missing_id)
+    parser = make_format(
+        fmt,
+        [s for files in sources.files.values() for s in files],
+        options.fields,
+        options.labels,
+        options.weight_prefix,
+        options.block_bytes,
+        options.missing_id,
+    )
     protected = [input_path] + ([options.vocab_from] if options.vocab_from else [])
-    out = claim_output_dir(output, tool=PREPARE_TOOL, overwrite=options.overwrite,
-                           protected=protected)
+    out = claim_output_dir(
+        output, tool=PREPARE_TOOL, overwrite=options.overwrite, protected=protected
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     tmp = _make_temporary(out)
@@ -189,8 +208,12 @@ def _remove_stale_temporaries(out: Path) -> None:
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp-(\d+)-[0-9a-f]{{8}}|old-(\d+))$")
     for path in out.parent.iterdir():
         match = pattern.match(path.name)
-        if (match and path.is_dir() and not path.is_symlink()
-                and not _process_alive(int(match.group(1) or match.group(2)))):
+        if (
+            match
+            and path.is_dir()
+            and not path.is_symlink()
+            and not _process_alive(int(match.group(1) or match.group(2)))
+        ):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -232,8 +255,15 @@ class _SplitState:
 class _Preparation:
     """One run of ``prepare_dataset`` writing into ``root`` (the temporary directory)."""
 
-    def __init__(self, fmt: str, input_path: str, parser: InputFormat, sources: Sources,
-                 options: PrepareOptions, root: Path) -> None:
+    def __init__(
+        self,
+        fmt: str,
+        input_path: str,
+        parser: InputFormat,
+        sources: Sources,
+        options: PrepareOptions,
+        root: Path,
+    ) -> None:
         self.fmt, self.input_path, self.parser = fmt, input_path, parser
         self.options, self.root = options, root
         self.sources, self.ignored_inputs = sources.files, sources.ignored
@@ -241,8 +271,11 @@ class _Preparation:
         self.out_splits = self._output_splits()
         self.stats_split = "train" if "train" in self.out_splits else self.out_splits[0]
         self.labels = parser.labels
-        self.invalid_pair = ((parser.labels.index("click"), parser.labels.index("conversion"))
-                             if {"click", "conversion"} <= set(parser.labels) else None)
+        self.invalid_pair = (
+            (parser.labels.index("click"), parser.labels.index("conversion"))
+            if {"click", "conversion"} <= set(parser.labels)
+            else None
+        )
         self.splits = {s: _SplitState(s) for s in self.out_splits}
         self.common_info: Dict[str, Dict[str, object]] = {}
         self.bad_examples: List[str] = []
@@ -262,8 +295,10 @@ class _Preparation:
             if "train" not in self.sources:
                 raise ValueError("--valid-fraction needs a train split")
             if "valid" in self.sources:
-                raise ValueError(f"--valid-fraction given, but the input already has a valid split: "
-                                 f"{[s.path for s in self.sources['valid']]}")
+                raise ValueError(
+                    f"--valid-fraction given, but the input already has a valid split: "
+                    f"{[s.path for s in self.sources['valid']]}"
+                )
             splits.append("valid")
         return [s for s in ("train", "valid", "test") if s in splits]
 
@@ -282,8 +317,9 @@ class _Preparation:
         start = time.perf_counter()
         self.id_maps, vocab_files = self._id_maps()
         raw = self.id_mapping == "raw"
-        self.field_stats = [_FieldStats(DistinctSketch() if raw else IdCounter())
-                            for _ in self.parser.fields]
+        self.field_stats = [
+            _FieldStats(DistinctSketch() if raw else IdCounter()) for _ in self.parser.fields
+        ]
         for split in ("train", "valid", "test"):
             for source in self.sources.get(split, []):
                 self._write_source(source)
@@ -302,23 +338,33 @@ class _Preparation:
                 continue
             dropped = ", ".join(f"{k}={v}" for k, v in sorted(state.spec.dropped.items())) or "none"
             if name == "valid" and "valid" not in self.sources:
-                raise ValueError(f"the valid split carved from train (--valid-fraction "
-                                 f"{self.valid_fraction}) has 0 rows; pass --valid-fraction 0 or "
-                                 f"a larger fraction")
+                raise ValueError(
+                    f"the valid split carved from train (--valid-fraction "
+                    f"{self.valid_fraction}) has 0 rows; pass --valid-fraction 0 or "
+                    f"a larger fraction"
+                )
             files = ", ".join(s.path for s in self.sources[name])
-            raise ValueError(f"split {name!r} has 0 rows after filtering "
-                             f"({state.spec.rows_read} read, dropped: {dropped}) from {files}")
+            raise ValueError(
+                f"split {name!r} has 0 rows after filtering "
+                f"({state.spec.rows_read} read, dropped: {dropped}) from {files}"
+            )
 
     def _id_maps(self) -> Tuple[List[IdMap], Dict[str, str]]:
         opts, fields = self.options, self.parser.fields
         if opts.vocab_from:
             source = SchemaSpec.load(opts.vocab_from)
             if sorted(source.field_names) != sorted(fields):
-                raise ValueError(f"--vocab-from {opts.vocab_from}: fields {source.field_names} differ from the "
-                                 f"input's {fields}")
+                raise ValueError(
+                    f"--vocab-from {opts.vocab_from}: fields {source.field_names} differ from the "
+                    f"input's {fields}"
+                )
             sizes = {f.name: f.num_embeddings for f in source.fields}
             maps = load_id_maps(opts.vocab_from, source.id_mapping, sizes)
-            self.id_mapping, self.min_count, self.hash_size = source.id_mapping, source.min_count, source.hash_size
+            self.id_mapping, self.min_count, self.hash_size = (
+                source.id_mapping,
+                source.min_count,
+                source.hash_size,
+            )
             files = {}
             if source.id_mapping == "vocab":
                 files = {f: save_vocab(self.root, f, maps[f]) for f in fields}  # type: ignore[arg-type]
@@ -335,8 +381,10 @@ class _Preparation:
                 raise ValueError(f"--hash-sizes names unknown fields {unknown} (fields: {fields})")
             return [HashIdMap(opts.hash_sizes.get(f, opts.hash_size)) for f in fields], {}
         if "train" not in self.sources:
-            raise ValueError("--id-mapping vocab builds the vocabulary from the train split, and the input has "
-                             "none; pass --vocab-from DATASET or --id-mapping hash")
+            raise ValueError(
+                "--id-mapping vocab builds the vocabulary from the train split, and the input has "
+                "none; pass --vocab-from DATASET or --id-mapping hash"
+            )
         counters = [IdCounter() for _ in fields]
         for source in self.sources["train"]:
             self._count_source(source, counters)
@@ -380,7 +428,9 @@ class _Preparation:
                     state.spec.rows_read += len(rows)
                     rows, dropped = self._drop_invalid(rows)
                     if dropped:
-                        state.spec.dropped[INVALID_LABEL_PAIR] = state.spec.dropped.get(INVALID_LABEL_PAIR, 0) + dropped
+                        state.spec.dropped[INVALID_LABEL_PAIR] = (
+                            state.spec.dropped.get(INVALID_LABEL_PAIR, 0) + dropped
+                        )
                     if len(rows):
                         self._write_rows(dest, rows, joined, key_used)
         spec = self.splits[source.split].spec
@@ -392,7 +442,9 @@ class _Preparation:
             for stats, table in zip(self.field_stats, common.fields):
                 _count_common_ids(stats.distinct, table, key_used.astype(np.int64))
 
-    def _common(self, source: SourceFile, mapped: bool) -> Tuple[Optional[CommonTable], Optional["_ArrowCommon"]]:
+    def _common(
+        self, source: SourceFile, mapped: bool
+    ) -> Tuple[Optional[CommonTable], Optional["_ArrowCommon"]]:
         """The common-features table of ``source`` (raw Ali-CCP), kept for the next pass; with
         ``mapped``, its ids mapped and its Arrow views for joining."""
         if source.common_path is None:
@@ -401,11 +453,16 @@ class _Preparation:
         if cached is None or cached[0] != source.common_path:
             self._common_cache = None  # release the previous split's table before loading
             log = BadLineLog()
-            with _Progress(self.options.progress, f"{source.split} common", source.common_path) as progress:
+            with _Progress(
+                self.options.progress, f"{source.split} common", source.common_path
+            ) as progress:
                 table = self.parser.load_common(source, self.options.skip_bad, log, progress.update)
             assert table is not None
-            self.common_info[source.split] = {"path": source.common_path, "keys": table.num_keys,
-                                              "dropped": dict(log.counts)}
+            self.common_info[source.split] = {
+                "path": source.common_path,
+                "keys": table.num_keys,
+                "dropped": dict(log.counts),
+            }
             self.bad_examples.extend(log.examples)
             self.unterminated.extend(log.unterminated)
             cached = (source.common_path, table, None)
@@ -421,7 +478,10 @@ class _Preparation:
         if split != "train" or self.valid_fraction <= 0:
             return [(split, rows)]
         to_valid = valid_mask(rows.sample_ids, self.valid_fraction, self.options.seed)
-        return [("train", rows.take(np.flatnonzero(~to_valid))), ("valid", rows.take(np.flatnonzero(to_valid)))]
+        return [
+            ("train", rows.take(np.flatnonzero(~to_valid))),
+            ("valid", rows.take(np.flatnonzero(to_valid))),
+        ]
 
     def _drop_invalid(self, rows: ParsedRows) -> Tuple[ParsedRows, int]:
         if self.invalid_pair is None:
@@ -432,15 +492,19 @@ class _Preparation:
             return rows, 0
         return rows.take(np.flatnonzero(~bad)), int(bad.sum())
 
-    def _write_rows(self, dest: str, rows: ParsedRows, joined: Optional["_ArrowCommon"],
-                    key_used: np.ndarray) -> None:
+    def _write_rows(
+        self, dest: str, rows: ParsedRows, joined: Optional["_ArrowCommon"], key_used: np.ndarray
+    ) -> None:
         state = self.splits[dest]
         if state.writer is None:
             state.writer = self._open_writer(state)
         own = [r.with_ids(m.map(r.ids)) for r, m in zip(rows.fields, self.id_maps)]
         lengths = [r.lengths for r in own]
         if joined is not None:
-            lengths = [n + common_lengths[rows.common_rows] for n, common_lengths in zip(lengths, joined.lengths)]
+            lengths = [
+                n + common_lengths[rows.common_rows]
+                for n, common_lengths in zip(lengths, joined.lengths)
+            ]
         if dest == self.stats_split:
             for stats, ragged, n in zip(self.field_stats, own, lengths):
                 stats.distinct.add(ragged.ids)
@@ -449,7 +513,9 @@ class _Preparation:
             if joined is not None:
                 key_used[rows.common_rows] = True
         row_values = sum(lengths)
-        for lo, hi in _slices(row_values, self.options.row_group_rows, self.options.max_row_group_values):
+        for lo, hi in _slices(
+            row_values, self.options.row_group_rows, self.options.max_row_group_values
+        ):
             columns: List[Tuple[pa.Array, Optional[pa.Array]]] = []
             for f, ragged in enumerate(own):
                 part = ragged.slice_rows(lo, hi)
@@ -458,13 +524,21 @@ class _Preparation:
                 elif part.offsets[-1] == 0:
                     columns.append(joined.take(f, rows.common_rows[lo:hi]))
                 else:
-                    columns.append(part.concat_rows(joined.table.fields[f].take(rows.common_rows[lo:hi])).arrow_lists())
+                    columns.append(
+                        part.concat_rows(
+                            joined.table.fields[f].take(rows.common_rows[lo:hi])
+                        ).arrow_lists()
+                    )
             batch = self._batch(rows.sample_ids[lo:hi], rows.labels[lo:hi], columns)
             state.writer.write(batch, int(row_values[lo:hi].sum()))
         state.spec.rows += len(rows)
 
-    def _batch(self, sample_ids: np.ndarray, labels: np.ndarray,
-               columns: List[Tuple[pa.Array, Optional[pa.Array]]]) -> pa.RecordBatch:
+    def _batch(
+        self,
+        sample_ids: np.ndarray,
+        labels: np.ndarray,
+        columns: List[Tuple[pa.Array, Optional[pa.Array]]],
+    ) -> pa.RecordBatch:
         arrays: List[pa.Array] = [pa.array(sample_ids, pa.int64())]
         for (ids, weights), weighted in zip(columns, self.parser.weighted):
             arrays.append(ids)
@@ -481,18 +555,21 @@ class _Preparation:
     def _schema(self, vocab_files: Dict[str, str], elapsed: float) -> SchemaSpec:
         rows = self.splits[self.stats_split].spec.rows
         fields = []
-        for name, weighted, stats, id_map in zip(self.parser.fields, self.parser.weighted, self.field_stats,
-                                                 self.id_maps):
+        for name, weighted, stats, id_map in zip(
+            self.parser.fields, self.parser.weighted, self.field_stats, self.id_maps
+        ):
             cardinality, cardinality_rse = stats.cardinality()
-            fields.append(FieldSpec(
-                name=name,
-                num_embeddings=id_map.num_embeddings,
-                weight_column=weight_column_name(name) if weighted else None,
-                cardinality=cardinality,
-                cardinality_rse=cardinality_rse,
-                mean_length=stats.values / rows if rows else 0.0,
-                max_length=stats.max_length,
-            ))
+            fields.append(
+                FieldSpec(
+                    name=name,
+                    num_embeddings=id_map.num_embeddings,
+                    weight_column=weight_column_name(name) if weighted else None,
+                    cardinality=cardinality,
+                    cardinality_rse=cardinality_rse,
+                    mean_length=stats.values / rows if rows else 0.0,
+                    max_length=stats.max_length,
+                )
+            )
         summary = {
             "input": self.input_path,
             "sources": {split: [s.path for s in files] for split, files in self.sources.items()},
@@ -509,19 +586,29 @@ class _Preparation:
             "bad_line_examples": self.bad_examples[:20],
             "elapsed_s": round(elapsed, 3),
         }
-        return SchemaSpec(fields=fields, labels=list(self.labels),
-                          splits={s: st.spec for s, st in self.splits.items()}, id_mapping=self.id_mapping,
-                          source_format=self.fmt, min_count=self.min_count, hash_size=self.hash_size,
-                          summary=summary)
+        return SchemaSpec(
+            fields=fields,
+            labels=list(self.labels),
+            splits={s: st.spec for s, st in self.splits.items()},
+            id_mapping=self.id_mapping,
+            source_format=self.fmt,
+            min_count=self.min_count,
+            hash_size=self.hash_size,
+            summary=summary,
+        )
 
 
-def _count_common_ids(counter: Union[IdCounter, DistinctSketch], table: Ragged,
-                      key_counts: np.ndarray, keys_per_chunk: int = 8192) -> None:
+def _count_common_ids(
+    counter: Union[IdCounter, DistinctSketch],
+    table: Ragged,
+    key_counts: np.ndarray,
+    keys_per_chunk: int = 8192,
+) -> None:
     """Adds the ids of every common-table key ``k`` to ``counter`` ``key_counts[k]`` times, a
     chunk of keys at a time so that memory stays small next to the table."""
     for lo in range(0, table.num_rows, keys_per_chunk):
         part = table.slice_rows(lo, min(lo + keys_per_chunk, table.num_rows))
-        per_id = np.repeat(key_counts[lo:lo + keys_per_chunk], part.lengths)
+        per_id = np.repeat(key_counts[lo : lo + keys_per_chunk], part.lengths)
         used = per_id > 0
         counter.add(part.ids[used], per_id[used])
 
@@ -532,7 +619,9 @@ def _slices(row_values: np.ndarray, max_rows: int, max_values: int) -> List[Tupl
     cum = np.concatenate([[0], np.cumsum(row_values)])
     out, lo, n = [], 0, len(row_values)
     while lo < n:
-        hi = min(n, lo + max_rows, int(np.searchsorted(cum, cum[lo] + max_values, side="right")) - 1)
+        hi = min(
+            n, lo + max_rows, int(np.searchsorted(cum, cum[lo] + max_values, side="right")) - 1
+        )
         hi = max(hi, lo + 1)
         out.append((lo, hi))
         lo = hi
@@ -552,8 +641,10 @@ class _ArrowCommon:
         """Lists of field ``f`` for common-table ``rows`` (int64 ``[M]``), as ``list`` arrays."""
         index = pa.array(rows)
         ids, weights = self.lists[f]
-        return (ids.take(index).cast(pa.list_(pa.int64())),
-                None if weights is None else weights.take(index).cast(pa.list_(pa.float32())))
+        return (
+            ids.take(index).cast(pa.list_(pa.int64())),
+            None if weights is None else weights.take(index).cast(pa.list_(pa.float32())),
+        )
 
 
 class _SplitWriter:
@@ -570,8 +661,10 @@ class _SplitWriter:
         self._pending_rows = self._pending_values = 0
 
     def write(self, batch: pa.RecordBatch, values: int) -> None:
-        if self._pending and (self._pending_rows + batch.num_rows > self.options.row_group_rows
-                              or self._pending_values + values > self.options.max_row_group_values):
+        if self._pending and (
+            self._pending_rows + batch.num_rows > self.options.row_group_rows
+            or self._pending_values + values > self.options.max_row_group_values
+        ):
             self._flush()
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
@@ -589,8 +682,13 @@ class _SplitWriter:
         relative = f"{self.split}/part-{len(self.files):05d}.parquet"
         # Statistics of list columns cost a third of the write time and help no reader; without a
         # dictionary, LZ4 compresses the repeated user histories of Ali-CCP better and faster.
-        self._writer = pq.ParquetWriter(self.root / relative, self.schema, compression="lz4", use_dictionary=False,
-                                        write_statistics=[SAMPLE_ID_COLUMN])
+        self._writer = pq.ParquetWriter(
+            self.root / relative,
+            self.schema,
+            compression="lz4",
+            use_dictionary=False,
+            write_statistics=[SAMPLE_ID_COLUMN],
+        )
         self.files.append(relative)
         self._file_rows = 0
 
@@ -618,8 +716,14 @@ class _Progress:
         self.bar = None
         self.lines = False
         if mode is True or (mode is None and sys.stderr.isatty()):
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{what} {Path(path).name}", file=sys.stderr,
-                            leave=False)
+            self.bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"{what} {Path(path).name}",
+                file=sys.stderr,
+                leave=False,
+            )
         elif mode is None:
             self.lines = True
         self.total, self.done, self.start = total, 0, time.monotonic()
@@ -632,8 +736,12 @@ class _Progress:
         elif self.lines and time.monotonic() - self.last >= 30:
             self.last = time.monotonic()
             share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-            print(f"dtn-prepare: {self.what} {self.path}: {self.done / 1e6:.0f} MB{share}, "
-                  f"{self.last - self.start:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"dtn-prepare: {self.what} {self.path}: {self.done / 1e6:.0f} MB{share}, "
+                f"{self.last - self.start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __enter__(self) -> "_Progress":
         return self
@@ -655,9 +763,11 @@ def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
     mapping = schema.id_mapping
     if mapping == "vocab":
         mapping = f"vocab, min_count {schema.min_count}"
-    lines = [f"dtn-prepare: {schema.source_format} -> {output} ({mapping}); "
-             f"labels {', '.join(schema.labels)}; {schema.summary.get('elapsed_s', 0):.1f} s",
-             f"{'split':<6} {'rows_read':>12} {'rows':>12}  dropped"]
+    lines = [
+        f"dtn-prepare: {schema.source_format} -> {output} ({mapping}); "
+        f"labels {', '.join(schema.labels)}; {schema.summary.get('elapsed_s', 0):.1f} s",
+        f"{'split':<6} {'rows_read':>12} {'rows':>12}  dropped",
+    ]
     sources = schema.summary.get("sources", {})
     inputs = [f"{split} <- {', '.join(files)}" for split, files in sources.items()]
     lines[1:1] = [f"inputs: {'; '.join(inputs)}"] if inputs else []
@@ -669,19 +779,25 @@ def format_summary(schema: SchemaSpec, output: str | os.PathLike) -> str:
         lines.append(f"{name:<6} {split.rows_read:>12} {split.rows:>12}  {dropped}")
     for split, info in schema.summary.get("common_features", {}).items():
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(info["dropped"].items())) or "none"
-        lines.append(f"common features ({split}): {info['keys']} keys, bad lines dropped: {dropped}")
+        lines.append(
+            f"common features ({split}): {info['keys']} keys, bad lines dropped: {dropped}"
+        )
     lines.append(f"fields (statistics of {schema.summary.get('stats_split', 'train')}):")
-    lines.append(f"  {'field':<10} {'num_embeddings':>14} {'cardinality':>12} {'mean_len':>9} {'max_len':>8}  weights")
+    lines.append(
+        f"  {'field':<10} {'num_embeddings':>14} {'cardinality':>12} {'mean_len':>9} {'max_len':>8}  weights"
+    )
     for f in schema.fields:
         cardinality = f"~{f.cardinality}" if f.cardinality_rse else str(f.cardinality)
-        lines.append(f"  {f.name:<10} {f.num_embeddings:>14} {cardinality:>12} "
-                     f"{f.mean_length:>9.2f} "
-                     f"{f.max_length:>8}  {'yes' if f.weight_column else 'no'}")
+        lines.append(
+            f"  {f.name:<10} {f.num_embeddings:>14} {cardinality:>12} "
+            f"{f.mean_length:>9.2f} "
+            f"{f.max_length:>8}  {'yes' if f.weight_column else 'no'}"
+        )
     for example in schema.summary.get("bad_line_examples", [])[:5]:
         lines.append(f"skipped: {example}")
     for where in schema.summary.get("unterminated_last_lines", []):
-        lines.append(f"warning: {where} has no line break; kept because it parsed completely "
-                     f"(check that the file is whole)")
+        lines.append(
+            f"warning: {where} has no line break; kept because it parsed completely "
+            f"(check that the file is whole)"
+        )
     return "\n".join(lines)
-
-

@@ -25,8 +25,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 SPLIT_ORDER = ("train", "valid", "test")
-_SPLIT_ALIASES = {"train": "train", "test": "test", "valid": "valid", "val": "valid", "validation": "valid",
-                  "dev": "valid"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "test": "test",
+    "valid": "valid",
+    "val": "valid",
+    "validation": "valid",
+    "dev": "valid",
+}
 _VALID_WORD = re.compile(r"(?<![a-z])(val|valid|validation|dev)(?![a-z])")
 _RAW_SPLITS = ("train", "valid", "test")
 DATA_SUFFIXES = (".csv", ".txt")
@@ -72,11 +78,20 @@ def split_of_name(file_name: str) -> Optional[str]:
     """The split a file name says: contains ``train``, ``test``, or a word ``val``/``valid``/
     ``validation``/``dev``; None when it says none; an error when it says several."""
     name = file_name.lower()
-    found = {s for s, hit in (("train", "train" in name), ("test", "test" in name),
-                              ("valid", _VALID_WORD.search(name) is not None)) if hit}
+    found = {
+        s
+        for s, hit in (
+            ("train", "train" in name),
+            ("test", "test" in name),
+            ("valid", _VALID_WORD.search(name) is not None),
+        )
+        if hit
+    }
     if len(found) > 1:
-        raise ValueError(f"{file_name}: the name matches several splits ({', '.join(sorted(found))}); "
-                         f"pass the file alone with --split")
+        raise ValueError(
+            f"{file_name}: the name matches several splits ({', '.join(sorted(found))}); "
+            f"pass the file alone with --split"
+        )
     return found.pop() if found else None
 
 
@@ -95,8 +110,10 @@ def discover_sources(fmt: str, input_path: str, split: Optional[str]) -> Sources
         found = _directory(root, wanted, ignored)
     if not found:
         passed = f"; ignored {', '.join(ignored)}" if ignored else ""
-        raise FileNotFoundError(f"--input {input_path}: no input files found for format {fmt} "
-                                f"({_expected(fmt)}){passed}")
+        raise FileNotFoundError(
+            f"--input {input_path}: no input files found for format {fmt} "
+            f"({_expected(fmt)}){passed}"
+        )
     return Sources({s: found[s] for s in SPLIT_ORDER if s in found}, ignored)
 
 
@@ -109,20 +126,27 @@ def _expected(fmt: str) -> str:
 def _single_file(fmt: str, path: Path, wanted: Optional[str]) -> Dict[str, List[SourceFile]]:
     split = wanted or split_of_name(path.name)
     if split is None:
-        raise ValueError(f"--input {path}: cannot tell the split from the file name; pass --split NAME")
+        raise ValueError(
+            f"--input {path}: cannot tell the split from the file name; pass --split NAME"
+        )
     common = None
     if fmt == "aliccp-raw":
         if "sample_skeleton" not in path.name:
-            raise ValueError(f"--input {path}: a raw Ali-CCP input file must be a sample_skeleton_*.csv file")
+            raise ValueError(
+                f"--input {path}: a raw Ali-CCP input file must be a sample_skeleton_*.csv file"
+            )
         common_path = path.with_name(path.name.replace("sample_skeleton", "common_features"))
         if not common_path.is_file():
-            raise FileNotFoundError(f"{path}: its common features file {common_path} does not exist")
+            raise FileNotFoundError(
+                f"{path}: its common features file {common_path} does not exist"
+            )
         common = str(common_path)
     return {split: [SourceFile(str(path), split, common)]}
 
 
-def _raw_directory(root: Path, wanted: Optional[str],
-                   ignored: List[str]) -> Dict[str, List[SourceFile]]:
+def _raw_directory(
+    root: Path, wanted: Optional[str], ignored: List[str]
+) -> Dict[str, List[SourceFile]]:
     found: Dict[str, List[SourceFile]] = {}
     for split in _RAW_SPLITS:
         if wanted and split != wanted:
@@ -135,22 +159,29 @@ def _raw_directory(root: Path, wanted: Optional[str],
             if not skeletons:
                 continue
             if len(skeletons) > 1:
-                raise ValueError(f"{folder}: several skeleton files for split {split}: "
-                                 f"{', '.join(p.name for p in skeletons)}")
+                raise ValueError(
+                    f"{folder}: several skeleton files for split {split}: "
+                    f"{', '.join(p.name for p in skeletons)}"
+                )
             skeleton = skeletons[0]
             common = skeleton.with_name(skeleton.name.replace("sample_skeleton", "common_features"))
             if not common.is_file():
-                raise FileNotFoundError(f"{skeleton}: its common features file {common} does not exist")
+                raise FileNotFoundError(
+                    f"{skeleton}: its common features file {common} does not exist"
+                )
             found[split] = [SourceFile(str(skeleton), split, str(common))]
             break
     return found
 
 
-def _directory(root: Path, wanted: Optional[str],
-               ignored: List[str]) -> Dict[str, List[SourceFile]]:
+def _directory(
+    root: Path, wanted: Optional[str], ignored: List[str]
+) -> Dict[str, List[SourceFile]]:
     found: Dict[str, List[SourceFile]] = {}
     passed: List[str] = []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith((".", "_"))):
+    for path in sorted(
+        p for p in root.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
+    ):
         split = split_of_name(path.name)
         if split and (wanted is None or split == wanted):
             if is_data_file_name(path.name):
@@ -164,8 +195,9 @@ def _directory(root: Path, wanted: Optional[str],
         split = _SPLIT_ALIASES.get(folder.name.lower())
         if split is None or (wanted and split != wanted):
             continue
-        for path in sorted(p for p in folder.iterdir()
-                           if p.is_file() and not p.name.startswith((".", "_"))):
+        for path in sorted(
+            p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
+        ):
             if is_data_file_name(path.name):
                 found.setdefault(split, []).append(SourceFile(str(path), split))
             else:

@@ -50,8 +50,16 @@ T = TypeVar("T")
 class PrepareError(ValueError):
     """Bad input: names the file, the 1-based line, the field and what is wrong with it."""
 
-    def __init__(self, path: str, line: Optional[int], field: str, reason: str, detail: str) -> None:
-        self.path, self.line, self.field, self.reason, self.detail = path, line, field, reason, detail
+    def __init__(
+        self, path: str, line: Optional[int], field: str, reason: str, detail: str
+    ) -> None:
+        self.path, self.line, self.field, self.reason, self.detail = (
+            path,
+            line,
+            field,
+            reason,
+            detail,
+        )
         where = f"{path}, line {line}" if line is not None else path
         super().__init__(f"{where}, field {field!r}: {detail} ({reason})")
 
@@ -140,12 +148,13 @@ class _Reader:
         try:
             data = self.stream.read(nbytes)
         except (OSError, pa.ArrowException) as e:
-            raise PrepareError(self.path, None, "file", UNREADABLE_FILE,
-                               f"cannot read: {e}") from None
+            raise PrepareError(
+                self.path, None, "file", UNREADABLE_FILE, f"cannot read: {e}"
+            ) from None
         if not self.started:  # a UTF-8 byte order mark is not part of the first line
             self.started = True
             if data.startswith(_BOM):
-                data = data[len(_BOM):]
+                data = data[len(_BOM) :]
         return data
 
     def __enter__(self) -> "_Reader":
@@ -168,7 +177,9 @@ def read_first_line(path: str) -> str:
     return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
 
 
-def iter_line_blocks(path: str, block_bytes: int = 8 << 20, skip_lines: int = 0) -> Iterator[LineBlock]:
+def iter_line_blocks(
+    path: str, block_bytes: int = 8 << 20, skip_lines: int = 0
+) -> Iterator[LineBlock]:
     """Reads ``path`` (plain, or compressed with a suffix pyarrow knows: .gz, .bz2, .zst, .lz4)
     in blocks of about ``block_bytes`` bytes cut at line breaks; blank lines are skipped.
 
@@ -193,13 +204,18 @@ def iter_line_blocks(path: str, block_bytes: int = 8 << 20, skip_lines: int = 0)
                 if cut < 0:
                     carry = data
                     continue
-                chunk, carry = data[:cut], data[cut + 1:]
+                chunk, carry = data[:cut], data[cut + 1 :]
             block = _lines_of(path, chunk, next_line, nbytes=len(chunk) + (0 if eof else 1))
             next_line += chunk.count(b"\n") + 1
             if skip_lines:
                 drop = int(np.searchsorted(block.line_numbers, skip_lines + 1))
-                block = LineBlock(path, block.lines[drop:], block.line_numbers[drop:], block.nbytes,
-                                  [bad for bad in block.not_utf8 if bad[0] > skip_lines])
+                block = LineBlock(
+                    path,
+                    block.lines[drop:],
+                    block.line_numbers[drop:],
+                    block.nbytes,
+                    [bad for bad in block.not_utf8 if bad[0] > skip_lines],
+                )
             last_line = next_line - 1
             block.unterminated = eof and len(block) > 0 and int(block.line_numbers[-1]) == last_line
             data_lines += block.num_lines
@@ -240,8 +256,9 @@ def _lines_of(path: str, chunk: bytes, first_line: int, nbytes: int) -> LineBloc
     return LineBlock(path, lines, line_numbers, nbytes, not_utf8)
 
 
-def parse_block(block: LineBlock, parse: Callable[[pa.Array, np.ndarray], T], skip_bad: bool,
-                log: BadLineLog) -> Optional[T]:
+def parse_block(
+    block: LineBlock, parse: Callable[[pa.Array, np.ndarray], T], skip_bad: bool, log: BadLineLog
+) -> Optional[T]:
     """Runs ``parse(lines, line_numbers)`` on a block, dropping rejected lines until it succeeds.
 
     Returns None when every line of the block was bad (``skip_bad``). Without ``skip_bad`` the
@@ -267,7 +284,9 @@ def parse_block(block: LineBlock, parse: Callable[[pa.Array, np.ndarray], T], sk
                 detail += "; it is the last line and has no line break: the file looks cut short"
             # Rejected rows are sorted, and ``last`` is the block's final row.
             last = -1 if rejection.rows[-1] == last else last - len(rejection.rows)
-            error = PrepareError(block.path, int(line_numbers[first]), field_name, rejection.reason, detail)
+            error = PrepareError(
+                block.path, int(line_numbers[first]), field_name, rejection.reason, detail
+            )
             if not skip_bad:
                 raise error from None
             log.add(rejection.reason, len(rejection.rows), str(error))
@@ -294,8 +313,12 @@ def rows_of_positions(positions: np.ndarray, row_of: Optional[np.ndarray]) -> np
     return positions if row_of is None else row_of[positions]
 
 
-def to_int64(values: pa.Array, reason: str, describe_position: Callable[[int], Tuple[str, str]],
-             row_of: Optional[np.ndarray] = None) -> np.ndarray:
+def to_int64(
+    values: pa.Array,
+    reason: str,
+    describe_position: Callable[[int], Tuple[str, str]],
+    row_of: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Parses decimal integers; rejects the rows of the entries that are not int64 integers.
 
     Args:
@@ -313,8 +336,12 @@ def to_int64(values: pa.Array, reason: str, describe_position: Callable[[int], T
         raise
 
 
-def to_float32(values: pa.Array, reason: str, describe_position: Callable[[int], Tuple[str, str]],
-               row_of: Optional[np.ndarray] = None) -> np.ndarray:
+def to_float32(
+    values: pa.Array,
+    reason: str,
+    describe_position: Callable[[int], Tuple[str, str]],
+    row_of: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Parses decimal floats like ``to_int64``."""
     try:
         return pc.cast(values, pa.float32()).to_numpy(zero_copy_only=False)
@@ -325,28 +352,42 @@ def to_float32(values: pa.Array, reason: str, describe_position: Callable[[int],
         raise
 
 
-def reject_mask(bad: np.ndarray, reason: str, describe_position: Callable[[int], Tuple[str, str]],
-                row_of: Optional[np.ndarray] = None) -> None:
+def reject_mask(
+    bad: np.ndarray,
+    reason: str,
+    describe_position: Callable[[int], Tuple[str, str]],
+    row_of: Optional[np.ndarray] = None,
+) -> None:
     """Rejects the rows of the entries where ``bad`` (bool ``[m]``) is set, if any."""
     positions = np.flatnonzero(bad)
     if len(positions):
         _reject_positions(positions, reason, describe_position, row_of)
 
 
-def _reject_positions(positions: np.ndarray, reason: str, describe_position: Callable[[int], Tuple[str, str]],
-                      row_of: Optional[np.ndarray]) -> None:
+def _reject_positions(
+    positions: np.ndarray,
+    reason: str,
+    describe_position: Callable[[int], Tuple[str, str]],
+    row_of: Optional[np.ndarray],
+) -> None:
     rows = rows_of_positions(positions, row_of)
     first_position_of_row = dict(zip(rows[::-1].tolist(), positions[::-1].tolist()))
     raise BlockRejection(rows, reason, lambda row: describe_position(first_position_of_row[row]))
 
 
-def _bad_positions(values: pa.Array, pattern: str, exact_check: Callable[[str], bool]) -> np.ndarray:
-    ok = pc.fill_null(pc.match_substring_regex(values, pattern), False).to_numpy(zero_copy_only=False)
+def _bad_positions(
+    values: pa.Array, pattern: str, exact_check: Callable[[str], bool]
+) -> np.ndarray:
+    ok = pc.fill_null(pc.match_substring_regex(values, pattern), False).to_numpy(
+        zero_copy_only=False
+    )
     bad = np.flatnonzero(~ok)
     if len(bad):
         return bad
     # Every entry looks numeric, so some are out of range: check them one by one.
-    return np.array([i for i, s in enumerate(values.to_pylist()) if not exact_check(s)], dtype=np.int64)
+    return np.array(
+        [i for i, s in enumerate(values.to_pylist()) if not exact_check(s)], dtype=np.int64
+    )
 
 
 def _python_int_ok(text: str) -> bool:

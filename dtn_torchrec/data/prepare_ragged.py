@@ -35,11 +35,16 @@ class Ragged:
 
     @staticmethod
     def empty(num_rows: int, weighted: bool) -> "Ragged":
-        return Ragged(np.zeros(num_rows + 1, dtype=np.int64), np.zeros(0, dtype=np.int64),
-                      np.zeros(0, dtype=np.float32) if weighted else None)
+        return Ragged(
+            np.zeros(num_rows + 1, dtype=np.int64),
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.float32) if weighted else None,
+        )
 
     @staticmethod
-    def from_lengths(lengths: np.ndarray, ids: np.ndarray, weights: Optional[np.ndarray] = None) -> "Ragged":
+    def from_lengths(
+        lengths: np.ndarray, ids: np.ndarray, weights: Optional[np.ndarray] = None
+    ) -> "Ragged":
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return Ragged(offsets, ids, weights)
@@ -56,7 +61,9 @@ class Ragged:
             return self
         rows = np.repeat(np.arange(self.num_rows), self.lengths)
         lengths = np.bincount(rows[keep], minlength=self.num_rows)
-        return Ragged.from_lengths(lengths, self.ids[keep], None if self.weights is None else self.weights[keep])
+        return Ragged.from_lengths(
+            lengths, self.ids[keep], None if self.weights is None else self.weights[keep]
+        )
 
     def take(self, rows: np.ndarray) -> "Ragged":
         """The lists of ``rows`` (int64 ``[M]``, any order, repeats allowed)."""
@@ -75,8 +82,12 @@ class Ragged:
             return other
         offsets = self.offsets + other.offsets
         ids = np.empty(offsets[-1], dtype=np.int64)
-        mine = np.arange(self.offsets[-1], dtype=np.int64) + np.repeat(other.offsets[:-1], self.lengths)
-        theirs = np.arange(other.offsets[-1], dtype=np.int64) + np.repeat(self.offsets[1:], other.lengths)
+        mine = np.arange(self.offsets[-1], dtype=np.int64) + np.repeat(
+            other.offsets[:-1], self.lengths
+        )
+        theirs = np.arange(other.offsets[-1], dtype=np.int64) + np.repeat(
+            self.offsets[1:], other.lengths
+        )
         ids[mine], ids[theirs] = self.ids, other.ids
         weights = None
         if self.weights is not None and other.weights is not None:
@@ -86,8 +97,11 @@ class Ragged:
 
     def slice_rows(self, start: int, stop: int) -> "Ragged":
         lo, hi = self.offsets[start], self.offsets[stop]
-        return Ragged(self.offsets[start:stop + 1] - lo, self.ids[lo:hi],
-                      None if self.weights is None else self.weights[lo:hi])
+        return Ragged(
+            self.offsets[start : stop + 1] - lo,
+            self.ids[lo:hi],
+            None if self.weights is None else self.weights[lo:hi],
+        )
 
     def arrow_lists(self, large: bool = False) -> Tuple[pa.Array, Optional[pa.Array]]:
         """``list<int64>`` ids and ``list<float32>`` weights (or None); ``large`` for int64 offsets."""
@@ -98,7 +112,9 @@ class Ragged:
             offsets = pa.array(self.offsets.astype(np.int32, copy=False), type=pa.int32())
             make = pa.ListArray.from_arrays
         ids = make(offsets, pa.array(self.ids, type=pa.int64()))
-        return ids, None if self.weights is None else make(offsets, pa.array(self.weights, type=pa.float32()))
+        return ids, None if self.weights is None else make(
+            offsets, pa.array(self.weights, type=pa.float32())
+        )
 
 
 def concat_blocks(parts: Sequence[Ragged]) -> Ragged:
@@ -108,11 +124,20 @@ def concat_blocks(parts: Sequence[Ragged]) -> Ragged:
     lengths = np.concatenate([p.lengths for p in parts])
     ids = np.concatenate([p.ids for p in parts])
     weighted = all(p.weights is not None for p in parts)
-    return Ragged.from_lengths(lengths, ids, np.concatenate([p.weights for p in parts]) if weighted else None)
+    return Ragged.from_lengths(
+        lengths, ids, np.concatenate([p.weights for p in parts]) if weighted else None
+    )
 
 
-def group_by_field(row_of: np.ndarray, field_of: np.ndarray, ids: np.ndarray, weights: Optional[np.ndarray],
-                   num_rows: int, num_fields: int, missing_id: Optional[int]) -> List[Ragged]:
+def group_by_field(
+    row_of: np.ndarray,
+    field_of: np.ndarray,
+    ids: np.ndarray,
+    weights: Optional[np.ndarray],
+    num_rows: int,
+    num_fields: int,
+    missing_id: Optional[int],
+) -> List[Ragged]:
     """Splits flat features into one Ragged per field, keeping source order within each list.
 
     Args:
@@ -130,7 +155,9 @@ def group_by_field(row_of: np.ndarray, field_of: np.ndarray, ids: np.ndarray, we
     np.cumsum(np.bincount(field_of, minlength=num_fields), out=bounds[1:])
     out = []
     for f in range(num_fields):
-        sel = order[bounds[f]:bounds[f + 1]]
+        sel = order[bounds[f] : bounds[f + 1]]
         lengths = np.bincount(row_of[sel], minlength=num_rows)
-        out.append(Ragged.from_lengths(lengths, ids[sel], None if weights is None else weights[sel]))
+        out.append(
+            Ragged.from_lengths(lengths, ids[sel], None if weights is None else weights[sel])
+        )
     return out

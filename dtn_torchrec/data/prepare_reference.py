@@ -27,9 +27,13 @@ class ReferenceRow:
     weights: Dict[str, List[float]]
 
 
-def reference_parse_raw(skeleton_path: str, common_path: str, fields: Sequence[str] = ALICCP_FIELDS,
-                        vocab: Optional[Mapping[str, Mapping[int, int]]] = None,
-                        hash_sizes: Optional[Mapping[str, int]] = None) -> Iterator[ReferenceRow]:
+def reference_parse_raw(
+    skeleton_path: str,
+    common_path: str,
+    fields: Sequence[str] = ALICCP_FIELDS,
+    vocab: Optional[Mapping[str, Mapping[int, int]]] = None,
+    hash_sizes: Optional[Mapping[str, int]] = None,
+) -> Iterator[ReferenceRow]:
     """Yields the rows of a raw Ali-CCP split.
 
     Args:

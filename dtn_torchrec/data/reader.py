@@ -23,7 +23,6 @@ from dtn_torchrec.data.reader_columns import DecodedWindow, single_array, weight
 from dtn_torchrec.data.reader_prefetch import Prefetcher, ordered_map
 from dtn_torchrec.data.schema import SAMPLE_ID_COLUMN, SchemaSpec
 
-
 # Rows of one decoded window, in the order they are taken: (window, row indices).
 WindowRows = Tuple[DecodedWindow, np.ndarray]
 
@@ -64,11 +63,24 @@ class ParquetBatchReader:
     (stride B); ``labels`` float32 ``[B, T]`` in ``schema.labels`` order; ``sample_ids`` int64 ``[B]``.
     """
 
-    def __init__(self, dataset_dir: str, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = False, shuffle_buffer_rows: int = 0, seed: int = 0, drop_last: bool = False,
-                 use_weights: bool = False, prefetch_batches: int = 2,
-                 fields: Optional[List[str]] = None, workers: int = 1,
-                 pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        dataset_dir: str,
+        split: str,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        shuffle_buffer_rows: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        use_weights: bool = False,
+        prefetch_batches: int = 2,
+        fields: Optional[List[str]] = None,
+        workers: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -79,13 +91,19 @@ class ParquetBatchReader:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.schema = SchemaSpec.load(dataset_dir)
         if split not in self.schema.splits:
-            raise ValueError(f"{Path(dataset_dir) / 'schema.json'}: no split {split!r} "
-                             f"(splits: {sorted(self.schema.splits)})")
+            raise ValueError(
+                f"{Path(dataset_dir) / 'schema.json'}: no split {split!r} "
+                f"(splits: {sorted(self.schema.splits)})"
+            )
         self.split = split
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer_rows, self.seed = shuffle, shuffle_buffer_rows, seed
-        self.drop_last, self.use_weights, self.prefetch_batches = drop_last, use_weights, prefetch_batches
+        self.drop_last, self.use_weights, self.prefetch_batches = (
+            drop_last,
+            use_weights,
+            prefetch_batches,
+        )
         self.workers, self.pin_memory = workers, pin_memory
         self.fields = list(fields) if fields is not None else self.schema.field_names
         if not self.fields:
@@ -95,17 +113,24 @@ class ParquetBatchReader:
         self.labels = list(self.schema.labels)
         self.weight_columns: Dict[str, str] = {}
         if use_weights:
-            self.weight_columns = {f: self.schema.field(f).weight_column for f in self.fields
-                                   if self.schema.field(f).weight_column}
-        self.columns = [SAMPLE_ID_COLUMN] + self.fields + list(self.weight_columns.values()) + self.labels
+            self.weight_columns = {
+                f: self.schema.field(f).weight_column
+                for f in self.fields
+                if self.schema.field(f).weight_column
+            }
+        self.columns = (
+            [SAMPLE_ID_COLUMN] + self.fields + list(self.weight_columns.values()) + self.labels
+        )
         # Every span is cast to this, so files from different writers concatenate.
         self._arrow_schema = pa.schema(
-            [(SAMPLE_ID_COLUMN, pa.int64())] + [(f, pa.list_(pa.int64())) for f in self.fields]
+            [(SAMPLE_ID_COLUMN, pa.int64())]
+            + [(f, pa.list_(pa.int64())) for f in self.fields]
             + [(w, pa.list_(pa.float32())) for w in self.weight_columns.values()]
-            + [(t, pa.float32()) for t in self.labels])
+            + [(t, pa.float32()) for t in self.labels]
+        )
 
         self.files = self.schema.split_files(dataset_dir, split)
-        self._units: List[Tuple[int, int]] = []   # (file index, row group)
+        self._units: List[Tuple[int, int]] = []  # (file index, row group)
         self._unit_rows: List[int] = []
         # Parsed footers: every window opens its files with them (no footer read per window).
         self._file_metadata: List[pq.FileMetaData] = []
@@ -120,11 +145,15 @@ class ParquetBatchReader:
         self.total_rows = int(sum(self._unit_rows))
         declared = self.schema.splits[split].rows
         if declared != self.total_rows:
-            raise ValueError(f"{Path(dataset_dir) / 'schema.json'}: split {split!r} declares {declared} rows "
-                             f"but its files hold {self.total_rows}")
+            raise ValueError(
+                f"{Path(dataset_dir) / 'schema.json'}: split {split!r} declares {declared} rows "
+                f"but its files hold {self.total_rows}"
+            )
         lo, hi = reader_plan.rank_row_range(self.total_rows, rank, world_size)
         self.num_rows = hi - lo
-        self._num_batches = reader_plan.num_batches(self.total_rows, world_size, batch_size, drop_last)
+        self._num_batches = reader_plan.num_batches(
+            self.total_rows, world_size, batch_size, drop_last
+        )
         self._epoch = 0
         self._consumed = 0
         self._resume_from = 0
@@ -152,13 +181,21 @@ class ParquetBatchReader:
         for name, kind in expected.items():
             idx = arrow_schema.get_field_index(name)
             if idx < 0:
-                raise ValueError(f"{path}: column {name!r} ({kind}) required by schema.json is missing")
+                raise ValueError(
+                    f"{path}: column {name!r} ({kind}) required by schema.json is missing"
+                )
             t = arrow_schema.field(idx).type
-            ok = {"sample_id": pa.types.is_integer, "ids": _is_int_list, "weights": _is_float_list,
-                  "label": _is_number}[kind](t)
+            ok = {
+                "sample_id": pa.types.is_integer,
+                "ids": _is_int_list,
+                "weights": _is_float_list,
+                "label": _is_number,
+            }[kind](t)
             if not ok:
-                raise ValueError(f"{path}: column {name!r} has type {t}, expected {kind} "
-                                 f"({'list<int64>' if kind == 'ids' else 'list<float>' if kind == 'weights' else 'number'})")
+                raise ValueError(
+                    f"{path}: column {name!r} has type {t}, expected {kind} "
+                    f"({'list<int64>' if kind == 'ids' else 'list<float>' if kind == 'weights' else 'number'})"
+                )
         for name in arrow_schema.names:
             if name not in expected:
                 raise ValueError(f"{path}: column {name!r} is not in schema.json")
@@ -171,7 +208,11 @@ class ParquetBatchReader:
     @property
     def dropped_rows(self) -> int:
         """Rows of the split not yielded in an epoch (all ranks): nonzero only with drop_last."""
-        return self.total_rows - self._num_batches * self.batch_size * self.world_size if self.drop_last else 0
+        return (
+            self.total_rows - self._num_batches * self.batch_size * self.world_size
+            if self.drop_last
+            else 0
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch the next iteration reads. Switching to another epoch forgets a
@@ -200,7 +241,9 @@ class ParquetBatchReader:
         self._resume_from = 0
         self._consumed = start
         batches = self._batches(self._epoch, start)
-        source = Prefetcher(batches, self.prefetch_batches) if self.prefetch_batches > 0 else batches
+        source = (
+            Prefetcher(batches, self.prefetch_batches) if self.prefetch_batches > 0 else batches
+        )
         try:
             for batch in source:
                 self._consumed += 1
@@ -231,7 +274,8 @@ class ParquetBatchReader:
             window = self._read_window(spans)
             if self.shuffle and self.shuffle_buffer_rows > 0:
                 order = reader_plan.window_permutation(
-                    window.num_rows, self.seed, epoch, self.rank, self.world_size, w)
+                    window.num_rows, self.seed, epoch, self.rank, self.world_size, w
+                )
             else:
                 order = np.arange(window.num_rows)
             return window, order[skipped:]
@@ -245,8 +289,9 @@ class ParquetBatchReader:
         finally:
             for pf in files.values():
                 pf.close()
-        return DecodedWindow.from_table(table, self.fields, self.weight_columns, self.labels,
-                                        SAMPLE_ID_COLUMN)
+        return DecodedWindow.from_table(
+            table, self.fields, self.weight_columns, self.labels, SAMPLE_ID_COLUMN
+        )
 
     def _read_span(self, files: Dict[int, pq.ParquetFile], span: reader_plan.Span) -> pa.Table:
         file_index, rg = self._units[span.unit]
@@ -258,16 +303,23 @@ class ParquetBatchReader:
             table = table.cast(self._arrow_schema).slice(span.start, span.rows)
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{path}: row group {rg}: cannot read: {e}") from e
-        arrays = {name: single_array(table.column(name)) for name in self.fields + list(self.weight_columns.values())}
+        arrays = {
+            name: single_array(table.column(name))
+            for name in self.fields + list(self.weight_columns.values())
+        }
         for name, array in arrays.items():
             if array.values.null_count:
-                raise ValueError(f"{path}: row group {rg}: column {name!r} holds a null inside a list")
+                raise ValueError(
+                    f"{path}: row group {rg}: column {name!r} holds a null inside a list"
+                )
         for f, w in self.weight_columns.items():
             bad = weight_mismatch(arrays[f], arrays[w])
             if bad is not None:
                 row, n_ids, n_weights = bad
-                raise ValueError(f"{path}: row group {rg}, row {span.start + row}: column {w!r} holds "
-                                 f"{n_weights} weights for {n_ids} ids of {f!r}")
+                raise ValueError(
+                    f"{path}: row group {rg}, row {span.start + row}: column {w!r} holds "
+                    f"{n_weights} weights for {n_ids} ids of {f!r}"
+                )
         return table
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -324,8 +376,11 @@ class ParquetBatchReader:
             lengths.append(np.concatenate([p[0] for p in parts]))
             values.append(np.concatenate([p[1] for p in parts]))
             if self.use_weights:
-                weights.append(np.concatenate([p[2] for p in parts]) if f in self.weight_columns
-                               else np.ones(len(values[-1]), dtype=np.float32))
+                weights.append(
+                    np.concatenate([p[2] for p in parts])
+                    if f in self.weight_columns
+                    else np.ones(len(values[-1]), dtype=np.float32)
+                )
         labels = np.concatenate([window.labels[rows] for window, rows in pieces])
         sample_ids = np.concatenate([window.sample_ids[rows] for window, rows in pieces])
         return self._make_batch(len(sample_ids), lengths, values, weights, labels, sample_ids)
@@ -336,17 +391,34 @@ class ParquetBatchReader:
         per-key JaggedTensors are supplied up front."""
         k = len(self.fields)
         jt_dict = {
-            key: JaggedTensor(values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int32),
-                              offsets=torch.zeros(1, dtype=torch.int32),
-                              weights=torch.zeros(0, dtype=torch.float32) if self.use_weights else None)
-            for key in self.fields}
-        return self._make_batch(0, [np.zeros(0, np.int32)] * k, [np.zeros(0, np.int64)] * k,
-                                [np.zeros(0, np.float32)] * k if self.use_weights else [],
-                                np.zeros((0, len(self.labels)), np.float32), np.zeros(0, np.int64), jt_dict)
+            key: JaggedTensor(
+                values=torch.zeros(0, dtype=torch.int64),
+                lengths=torch.zeros(0, dtype=torch.int32),
+                offsets=torch.zeros(1, dtype=torch.int32),
+                weights=torch.zeros(0, dtype=torch.float32) if self.use_weights else None,
+            )
+            for key in self.fields
+        }
+        return self._make_batch(
+            0,
+            [np.zeros(0, np.int32)] * k,
+            [np.zeros(0, np.int64)] * k,
+            [np.zeros(0, np.float32)] * k if self.use_weights else [],
+            np.zeros((0, len(self.labels)), np.float32),
+            np.zeros(0, np.int64),
+            jt_dict,
+        )
 
-    def _make_batch(self, n: int, lengths: List[np.ndarray], values: List[np.ndarray], weights: List[np.ndarray],
-                    labels: np.ndarray, sample_ids: np.ndarray,
-                    jt_dict: Optional[Dict[str, JaggedTensor]] = None) -> Batch:
+    def _make_batch(
+        self,
+        n: int,
+        lengths: List[np.ndarray],
+        values: List[np.ndarray],
+        weights: List[np.ndarray],
+        labels: np.ndarray,
+        sample_ids: np.ndarray,
+        jt_dict: Optional[Dict[str, JaggedTensor]] = None,
+    ) -> Batch:
         length_per_key = [int(v.shape[0]) for v in values]
         offset_per_key = np.concatenate([[0], np.cumsum(length_per_key)]).astype(np.int64).tolist()
         all_lengths = np.concatenate(lengths)
@@ -363,5 +435,8 @@ class ParquetBatchReader:
             offset_per_key=offset_per_key,
             jt_dict=jt_dict,
         )
-        return Batch(sparse_features=kjt, labels=torch.from_numpy(np.ascontiguousarray(labels)),
-                     sample_ids=torch.from_numpy(np.ascontiguousarray(sample_ids)))
+        return Batch(
+            sparse_features=kjt,
+            labels=torch.from_numpy(np.ascontiguousarray(labels)),
+            sample_ids=torch.from_numpy(np.ascontiguousarray(sample_ids)),
+        )

@@ -70,7 +70,7 @@ def _take_lists(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> 
     are already adjacent, as for unshuffled rows)."""
     if len(starts) and np.array_equal(starts[1:], starts[:-1] + lengths[:-1]):
         lo = int(starts[0])
-        return values[lo: lo + int(lengths.sum())]
+        return values[lo : lo + int(lengths.sum())]
     return values[_row_index(starts, lengths)]
 
 
@@ -106,14 +106,24 @@ class DecodedWindow:
         return len(self.sample_ids)
 
     @staticmethod
-    def from_table(table: pa.Table, fields: List[str], weight_columns: Dict[str, str], labels: List[str],
-                   sample_id_column: str) -> "DecodedWindow":
+    def from_table(
+        table: pa.Table,
+        fields: List[str],
+        weight_columns: Dict[str, str],
+        labels: List[str],
+        sample_id_column: str,
+    ) -> "DecodedWindow":
         def single(name: str) -> pa.Array:
             return single_array(table.column(name))
 
-        columns = {f: JaggedColumn.from_arrow(single(f), single(weight_columns[f]) if f in weight_columns else None)
-                   for f in fields}
-        label_matrix = np.stack([single(t).to_numpy(zero_copy_only=False).astype(np.float32) for t in labels],
-                                axis=1).reshape(table.num_rows, len(labels))
+        columns = {
+            f: JaggedColumn.from_arrow(
+                single(f), single(weight_columns[f]) if f in weight_columns else None
+            )
+            for f in fields
+        }
+        label_matrix = np.stack(
+            [single(t).to_numpy(zero_copy_only=False).astype(np.float32) for t in labels], axis=1
+        ).reshape(table.num_rows, len(labels))
         sample_ids = single(sample_id_column).to_numpy(zero_copy_only=False).astype(np.int64)
         return DecodedWindow(columns, label_matrix, sample_ids)

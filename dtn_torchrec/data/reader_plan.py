@@ -62,7 +62,9 @@ def unit_order(num_units: int, shuffle: bool, seed: int, epoch: int) -> np.ndarr
     return np.random.default_rng([seed, epoch]).permutation(num_units)
 
 
-def rank_spans(unit_rows: Sequence[int], order: np.ndarray, rank: int, world_size: int) -> List[Span]:
+def rank_spans(
+    unit_rows: Sequence[int], order: np.ndarray, rank: int, world_size: int
+) -> List[Span]:
     """This rank's contiguous share of the units laid end to end in ``order``."""
     lo, hi = rank_row_range(int(sum(unit_rows)), rank, world_size)
     spans: List[Span] = []
@@ -95,5 +97,7 @@ def windows(spans: Sequence[Span], buffer_rows: int) -> List[List[Span]]:
     return out
 
 
-def window_permutation(rows: int, seed: int, epoch: int, rank: int, world_size: int, window: int) -> np.ndarray:
+def window_permutation(
+    rows: int, seed: int, epoch: int, rank: int, world_size: int, window: int
+) -> np.ndarray:
     return np.random.default_rng([seed, epoch, rank, world_size, window]).permutation(rows)

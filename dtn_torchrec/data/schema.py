@@ -29,14 +29,46 @@ SAMPLE_ID_COLUMN = "sample_id"
 
 # Ali-CCP field order of the reference code (docs/data-formats.md, the 23 Ali-CCP fields).
 ALICCP_FIELDS: List[str] = [
-    "101", "109_14", "110_14", "127_14", "150_14", "121", "122", "124", "125", "126", "127",
-    "128", "129", "205", "206", "207", "210", "216", "508", "509", "702", "853", "301",
+    "101",
+    "109_14",
+    "110_14",
+    "127_14",
+    "150_14",
+    "121",
+    "122",
+    "124",
+    "125",
+    "126",
+    "127",
+    "128",
+    "129",
+    "205",
+    "206",
+    "207",
+    "210",
+    "216",
+    "508",
+    "509",
+    "702",
+    "853",
+    "301",
 ]
 ALICCP_LABELS: List[str] = ["click", "conversion"]
 # Fields that appear in common_features_*.csv (user side); the rest live in the skeleton.
 ALICCP_USER_FIELDS: List[str] = [
-    "101", "109_14", "110_14", "127_14", "150_14", "121", "122", "124", "125", "126", "127",
-    "128", "129",
+    "101",
+    "109_14",
+    "110_14",
+    "127_14",
+    "150_14",
+    "121",
+    "122",
+    "124",
+    "125",
+    "126",
+    "127",
+    "128",
+    "129",
 ]
 
 
@@ -127,7 +159,9 @@ class SchemaSpec:
     def load(directory: str | os.PathLike) -> "SchemaSpec":
         path = Path(directory) / SCHEMA_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no schema.json; is this a dataset written by dtn-prepare?")
+            raise FileNotFoundError(
+                f"{path}: no schema.json; is this a dataset written by dtn-prepare?"
+            )
         try:
             return SchemaSpec.from_json(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError) as e:

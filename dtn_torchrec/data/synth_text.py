@@ -24,8 +24,12 @@ def count_values(counts: np.ndarray) -> np.ndarray:
 def feature_tokens(field: str, raw_ids: np.ndarray, values: object = ONE_HOT_VALUE) -> np.ndarray:
     """``field\\x02id\\x03value`` byte strings, one per id; ``values`` a byte string or an array
     of ``\\x03value`` byte strings aligned with ``raw_ids``."""
-    head = np.strings.add(np.bytes_(field.encode() + b"\x02"), np.asarray(raw_ids, dtype=np.int64).astype("S"))
-    return np.strings.add(head, np.asarray(values) if not isinstance(values, bytes) else np.bytes_(values))
+    head = np.strings.add(
+        np.bytes_(field.encode() + b"\x02"), np.asarray(raw_ids, dtype=np.int64).astype("S")
+    )
+    return np.strings.add(
+        head, np.asarray(values) if not isinstance(values, bytes) else np.bytes_(values)
+    )
 
 
 def decimal(values: np.ndarray) -> np.ndarray:
@@ -45,8 +49,10 @@ def join_lines(prefixes: np.ndarray, parts: Sequence[Tuple[np.ndarray, np.ndarra
     rows = np.concatenate([np.arange(n, dtype=np.int64)] + [r for r, _ in parts])
     items: List[np.ndarray] = [prefixes] + [t for _, t in parts]
     # Prefix entries sort before their row's tokens (rank -1), tokens keep their field order.
-    order_key = np.concatenate([np.full(n, -1, dtype=np.int64)]
-                               + [np.full(len(r), i, dtype=np.int64) for i, (r, _) in enumerate(parts)])
+    order_key = np.concatenate(
+        [np.full(n, -1, dtype=np.int64)]
+        + [np.full(len(r), i, dtype=np.int64) for i, (r, _) in enumerate(parts)]
+    )
     order = np.lexsort((order_key, rows))
     entries = np.concatenate(items)[order]
     rows = rows[order]

@@ -49,10 +49,29 @@ ALICCP_FIELD_ID_RANGES: Dict[str, Tuple[int, int]] = {
 # published count: 110_14 (shop history) takes the item-shop count of 207, and 205 fills its
 # whole raw range (ESMM reports 4.3M items).
 ALICCP_FIELD_CARDINALITIES: Dict[str, int] = {
-    "101": 276_022, "109_14": 12_126, "110_14": 516_905, "127_14": 387_969, "150_14": 99_203,
-    "121": 97, "122": 13, "124": 2, "125": 7, "126": 3, "127": 3, "128": 2, "129": 4,
-    "205": 4_348_615, "206": 8_292, "207": 516_905, "210": 98_758, "216": 181_697,
-    "508": 7_403, "509": 319_982, "702": 123_442, "853": 84_476, "301": 3,
+    "101": 276_022,
+    "109_14": 12_126,
+    "110_14": 516_905,
+    "127_14": 387_969,
+    "150_14": 99_203,
+    "121": 97,
+    "122": 13,
+    "124": 2,
+    "125": 7,
+    "126": 3,
+    "127": 3,
+    "128": 2,
+    "129": 4,
+    "205": 4_348_615,
+    "206": 8_292,
+    "207": 516_905,
+    "210": 98_758,
+    "216": 181_697,
+    "508": 7_403,
+    "509": 319_982,
+    "702": 123_442,
+    "853": 84_476,
+    "301": 3,
 }
 
 # Fields with at most this many ids are never shrunk by ``id_scale``; larger ones not below it.
@@ -60,7 +79,20 @@ ID_SCALE_FLOOR = 100
 
 # Fields with one id per row (or per user): the only fields a planted cross may use.
 SINGLE_VALUED_FIELDS: Tuple[str, ...] = (
-    "101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "216", "301",
+    "101",
+    "121",
+    "122",
+    "124",
+    "125",
+    "126",
+    "127",
+    "128",
+    "129",
+    "205",
+    "206",
+    "207",
+    "216",
+    "301",
 )
 USER_PROFILE_FIELDS: Tuple[str, ...] = ("121", "122", "124", "125", "126", "127", "128", "129")
 HISTORY_FIELDS: Tuple[str, ...] = ("109_14", "110_14", "127_14", "150_14")
@@ -68,8 +100,18 @@ ITEM_ATTRIBUTE_FIELDS: Tuple[str, ...] = ("206", "207", "216")
 
 # Popularity exponent of the bounded power law each field's ids are drawn from.
 _DEFAULT_EXPONENT = 1.05
-_EXPONENTS: Dict[str, float] = {"101": 0.8, "121": 1.0, "122": 1.0, "124": 0.6, "125": 0.8,
-                                "126": 0.8, "127": 0.8, "128": 0.6, "129": 0.8, "210": 0.9}
+_EXPONENTS: Dict[str, float] = {
+    "101": 0.8,
+    "121": 1.0,
+    "122": 1.0,
+    "124": 0.6,
+    "125": 0.8,
+    "126": 0.8,
+    "127": 0.8,
+    "128": 0.6,
+    "129": 0.8,
+    "210": 0.9,
+}
 
 # Hash stream tags: one per kind of draw, so no two draws share a hash input.
 _TAG_ATTRIBUTE = 1
@@ -142,7 +184,10 @@ class FieldSpace:
     shift: int
 
     def raw_ids(self, ranks: np.ndarray) -> np.ndarray:
-        return self.low + (np.asarray(ranks, dtype=np.int64) * self.stride + self.shift) % self.cardinality
+        return (
+            self.low
+            + (np.asarray(ranks, dtype=np.int64) * self.stride + self.shift) % self.cardinality
+        )
 
     def sample_ranks(self, u: np.ndarray) -> np.ndarray:
         return power_law_rank(u, self.cardinality, self.exponent)
@@ -163,8 +208,15 @@ def build_field_spaces(id_scale: float) -> Dict[str, FieldSpace]:
         stride = max(1, int(card * 0.6180339887))
         while math.gcd(stride, card) != 1:
             stride += 1
-        spaces[name] = FieldSpace(name, card, low, high, _EXPONENTS.get(name, _DEFAULT_EXPONENT),
-                                  stride, (code * 7919) % card)
+        spaces[name] = FieldSpace(
+            name,
+            card,
+            low,
+            high,
+            _EXPONENTS.get(name, _DEFAULT_EXPONENT),
+            stride,
+            (code * 7919) % card,
+        )
     return spaces
 
 
@@ -212,7 +264,9 @@ class SynthWorld:
 
     def item_attribute_ranks(self, field: str, items: np.ndarray) -> np.ndarray:
         """Category (206), shop (207) or brand (216) rank of each item rank."""
-        return self.spaces[field].sample_ranks(hash_uniform(self._hash(_TAG_ATTRIBUTE, field, items)))
+        return self.spaces[field].sample_ranks(
+            hash_uniform(self._hash(_TAG_ATTRIBUTE, field, items))
+        )
 
     def user_profile_ranks(self, field: str, users: np.ndarray) -> np.ndarray:
         """Profile field (121..129) rank of each user rank."""
@@ -222,13 +276,19 @@ class SynthWorld:
         """Field 210 of each item: (lengths [n] in 3..14, distinct ranks [sum(lengths)] grouped
         by item). A repeated rank within an item is redrawn (next attempt number) until all differ."""
         items = np.asarray(items, dtype=np.int64)
-        lengths = 3 + (self._hash(_TAG_INTENTION_LENGTH, "210", items) % np.uint64(12)).astype(np.int64)
+        lengths = 3 + (self._hash(_TAG_INTENTION_LENGTH, "210", items) % np.uint64(12)).astype(
+            np.int64
+        )
         row = np.repeat(np.arange(len(items), dtype=np.int64), lengths)
-        slot = np.arange(len(row), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        slot = np.arange(len(row), dtype=np.int64) - np.repeat(
+            np.cumsum(lengths) - lengths, lengths
+        )
         space = self.spaces["210"]
 
         def draw(rows: np.ndarray, slots: np.ndarray, attempt: int) -> np.ndarray:
-            return space.sample_ranks(hash_uniform(self._hash(_TAG_INTENTION, "210", items[rows], slots, attempt)))
+            return space.sample_ranks(
+                hash_uniform(self._hash(_TAG_INTENTION, "210", items[rows], slots, attempt))
+            )
 
         ranks = draw(row, slot, 0)
         attempt = 0
@@ -250,15 +310,22 @@ class SynthWorld:
     def main_effect(self, task_code: int, field: str, ranks: np.ndarray) -> np.ndarray:
         return hash_gaussian(self._hash(_TAG_MAIN, field, task_code, ranks))
 
-    def latent(self, key: int, side: int, field: str, ranks: np.ndarray, rank: int,
-               scale: float) -> np.ndarray:
+    def latent(
+        self, key: int, side: int, field: str, ranks: np.ndarray, rank: int, scale: float
+    ) -> np.ndarray:
         """Latent vectors [n, rank] of the ids of one side of the cross with latent ``key``."""
         ranks = np.asarray(ranks, dtype=np.int64)[:, None]
         dims = np.arange(rank, dtype=np.int64)[None, :]
         return scale * hash_gaussian(self._hash(_TAG_LATENT, field, key, side, ranks, dims))
 
-    def task_logit(self, task_code: int, signal: TaskSignal, ranks: Mapping[str, np.ndarray],
-                   present: Mapping[str, np.ndarray], with_cross: bool = True) -> np.ndarray:
+    def task_logit(
+        self,
+        task_code: int,
+        signal: TaskSignal,
+        ranks: Mapping[str, np.ndarray],
+        present: Mapping[str, np.ndarray],
+        with_cross: bool = True,
+    ) -> np.ndarray:
         """Planted logit (no intercept) of every row.
 
         Args:
@@ -269,13 +336,15 @@ class SynthWorld:
         logit = np.zeros(n, dtype=np.float64)
         for field, std in signal.main_std.items():
             r = ranks[field]
-            logit += np.where(r >= 0, std * self.main_effect(task_code, field, np.maximum(r, 0)), 0.0)
+            logit += np.where(
+                r >= 0, std * self.main_effect(task_code, field, np.maximum(r, 0)), 0.0
+            )
         for field, shift in signal.presence.items():
             logit += shift * present[field]
         for cross in signal.crosses if with_cross else ():
             a, b = cross.fields
             ra, rb = ranks[a], ranks[b]
-            scale = (cross.std ** 2 / cross.rank) ** 0.25
+            scale = (cross.std**2 / cross.rank) ** 0.25
             u = self.latent(cross.key, 0, a, np.maximum(ra, 0), cross.rank, scale)
             v = self.latent(cross.key, 1, b, np.maximum(rb, 0), cross.rank, scale)
             logit += np.where((ra >= 0) & (rb >= 0), np.einsum("nk,nk->n", u, v), 0.0)

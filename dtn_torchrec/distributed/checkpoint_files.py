@@ -28,16 +28,15 @@ import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
-from torch.futures import Future
-
 import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 METADATA_FILE = ".metadata"
 # Files small enough to hash at every save and load (the DCP metadata, the per-rank state).

@@ -53,9 +53,7 @@ class TableShardingConfig:
         if self.min_partition is not None and self.min_partition <= 0:
             raise ValueError(f"{where}.min_partition: must be positive, got {self.min_partition}")
         if self.pooling_factor is not None and self.pooling_factor <= 0:
-            raise ValueError(
-                f"{where}.pooling_factor: must be positive, got {self.pooling_factor}"
-            )
+            raise ValueError(f"{where}.pooling_factor: must be positive, got {self.pooling_factor}")
 
 
 @dataclass

@@ -393,8 +393,7 @@ def plan_to_json(plan: ShardingPlan) -> Dict[str, Any]:
 def format_plan(plan: ShardingPlan) -> str:
     """A human-readable table of the plan, one line per embedding table."""
     header = (
-        f"{'module':<24} {'table':<28} {'sharding':<18} {'kernel':<18}"
-        " shards (rows x cols @ rank)"
+        f"{'module':<24} {'table':<28} {'sharding':<18} {'kernel':<18} shards (rows x cols @ rank)"
     )
     lines = [header, "-" * len(header)]
     for module_path, tables in plan_to_json(plan).items():

@@ -47,7 +47,9 @@ def build_model(
         make_expert,
         device=device,
     )
-    relation = ProductRelation(cfg.tasks, cfg.loss.product_of) if cfg.loss.relation == "esmm" else None
+    relation = (
+        ProductRelation(cfg.tasks, cfg.loss.product_of) if cfg.loss.relation == "esmm" else None
+    )
     return MultiTaskModel(sparse_arch, dense_arch, cfg.tasks, relation)
 
 
@@ -61,7 +63,9 @@ def build_train_model(
     """
     missing = [t for t in cfg.tasks if t not in schema.labels]
     if missing:
-        raise ValueError(f"tasks {missing} are not labels of the dataset (schema labels: {schema.labels})")
+        raise ValueError(
+            f"tasks {missing} are not labels of the dataset (schema labels: {schema.labels})"
+        )
     model = build_model(cfg, schema, device)
     loss = MultiTaskLoss(cfg.tasks, cfg.loss.task_weights, cfg.loss.pos_weights)
     return MultiTaskTrainWrapper(model, loss, [schema.labels.index(t) for t in cfg.tasks])

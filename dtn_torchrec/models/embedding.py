@@ -110,7 +110,9 @@ class EmbeddingConfig:
         if self.init_std <= 0:
             raise ValueError(f"init_std: must be > 0, got {self.init_std}")
         if self.input_norm not in _INPUT_NORMS:
-            raise ValueError(f"input_norm: must be one of {list(_INPUT_NORMS)}, got {self.input_norm!r}")
+            raise ValueError(
+                f"input_norm: must be one of {list(_INPUT_NORMS)}, got {self.input_norm!r}"
+            )
 
 
 class InferenceBatchNorm(nn.Module):
@@ -124,7 +126,9 @@ class InferenceBatchNorm(nn.Module):
         device (Optional[torch.device]): where the parameters live (meta allowed).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-3, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-3, device: Optional[torch.device] = None
+    ) -> None:
         super().__init__()
         self.scale = 1.0 / math.sqrt(1.0 + eps)
         self.weight = nn.Parameter(torch.empty(num_features, device=device))
@@ -214,15 +218,15 @@ class SparseArch(nn.Module):
             else None
         )
         self.mch_bags: Optional[nn.Module] = (
-            build_mch_bags(
-                mch_tables, field_tables, is_weighted=config.use_weights, device=device
-            )
+            build_mch_bags(mch_tables, field_tables, is_weighted=config.use_weights, device=device)
             if mch_tables
             else None
         )
         flat_dim = len(self.feature_names) * config.embedding_dim
         self.input_norm: nn.Module = (
-            InferenceBatchNorm(flat_dim, device=device) if config.input_norm == "affine" else nn.Identity()
+            InferenceBatchNorm(flat_dim, device=device)
+            if config.input_norm == "affine"
+            else nn.Identity()
         )
         self.pair_hasher: Optional[PairHasher] = (
             PairHasher(pair_hash.resolve(schema)) if pair_hash is not None else None

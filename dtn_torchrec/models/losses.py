@@ -109,15 +109,19 @@ class MultiTaskLoss(nn.Module):
         if unknown:
             raise ValueError(f"loss weights name unknown task(s) {unknown} (tasks: {list(tasks)})")
         self.register_buffer(
-            "task_weights", torch.tensor([float(task_weights.get(t, 1.0)) for t in tasks]),
+            "task_weights",
+            torch.tensor([float(task_weights.get(t, 1.0)) for t in tasks]),
             persistent=False,
         )  # [T]
         self.register_buffer(
-            "pos_weights", torch.tensor([float(pos_weights.get(t, 1.0)) for t in tasks]),
+            "pos_weights",
+            torch.tensor([float(pos_weights.get(t, 1.0)) for t in tasks]),
             persistent=False,
         )  # [T]
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         per_element = F.binary_cross_entropy_with_logits(
             logits, labels, pos_weight=self.pos_weights.to(logits.dtype), reduction="none"
         )

@@ -87,7 +87,9 @@ class MultiTaskTrainWrapper(nn.Module):
             order); the returned labels are in task order.
     """
 
-    def __init__(self, model: MultiTaskModel, loss: MultiTaskLoss, label_columns: List[int]) -> None:
+    def __init__(
+        self, model: MultiTaskModel, loss: MultiTaskLoss, label_columns: List[int]
+    ) -> None:
         super().__init__()
         if len(label_columns) != len(model.tasks):
             raise ValueError(f"need one label column per task {model.tasks}, got {label_columns}")
@@ -95,7 +97,9 @@ class MultiTaskTrainWrapper(nn.Module):
         self.loss = loss
         self._label_columns: List[int] = list(label_columns)
 
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, batch: Batch
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Args: batch: ``sparse_features`` KJT, ``labels [B, L]``.
 
         Returns:

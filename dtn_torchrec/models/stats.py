@@ -26,14 +26,38 @@ from dtn_torchrec.models.config import ModelConfig
 # (docs/data-formats.md, the 23 Ali-CCP fields). 110_14 and 205 have no vocab file there: 110_14
 # uses the user_shops cardinality of Merlin's schema, 205 the item-id vocabulary of AITM.
 ALICCP_VOCAB_LINES: Dict[str, int] = {
-    "101": 276022, "109_14": 12126, "110_14": 116741, "127_14": 387969, "150_14": 99203,
-    "121": 97, "122": 13, "124": 2, "125": 7, "126": 3, "127": 3, "128": 2, "129": 4,
-    "205": 467298, "206": 8292, "207": 516905, "210": 98758, "216": 181697, "508": 7403,
-    "509": 319982, "702": 123442, "853": 84476, "301": 3,
+    "101": 276022,
+    "109_14": 12126,
+    "110_14": 116741,
+    "127_14": 387969,
+    "150_14": 99203,
+    "121": 97,
+    "122": 13,
+    "124": 2,
+    "125": 7,
+    "126": 3,
+    "127": 3,
+    "128": 2,
+    "129": 4,
+    "205": 467298,
+    "206": 8292,
+    "207": 516905,
+    "210": 98758,
+    "216": 181697,
+    "508": 7403,
+    "509": 319982,
+    "702": 123442,
+    "853": 84476,
+    "301": 3,
 }
 # Longest id list seen per multi-valued field (docs/data-formats.md); every other field holds one.
 ALICCP_MAX_LENGTHS: Dict[str, int] = {
-    "109_14": 138, "110_14": 973, "127_14": 587, "150_14": 200, "210": 14, "853": 6,
+    "109_14": 138,
+    "110_14": 973,
+    "127_14": 587,
+    "150_14": 200,
+    "210": 14,
+    "853": 6,
 }
 
 # Tables are capped to this many rows in the CPU copy used for FLOP counting (FLOPs do not
@@ -112,7 +136,9 @@ def random_features(schema: SchemaSpec, batch_size: int, seed: int = 0) -> Keyed
         n = torch.randint(1, min(f.max_length, 4) + 1, (batch_size,), generator=g)
         lengths.append(n)
         values.append(torch.randint(0, f.num_embeddings, (int(n.sum()),), generator=g))
-    return KeyedJaggedTensor(keys=schema.field_names, values=torch.cat(values), lengths=torch.cat(lengths))
+    return KeyedJaggedTensor(
+        keys=schema.field_names, values=torch.cat(values), lengths=torch.cat(lengths)
+    )
 
 
 def dense_forward_flops(model: nn.Module, features: KeyedJaggedTensor) -> int:

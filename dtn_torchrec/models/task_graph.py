@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import List, Mapping, Sequence
 
 
-def dependency_order(tasks: Sequence[str], depends_on: Mapping[str, Sequence[str]], what: str) -> List[str]:
+def dependency_order(
+    tasks: Sequence[str], depends_on: Mapping[str, Sequence[str]], what: str
+) -> List[str]:
     """Order ``tasks`` so that every task comes after the tasks it depends on.
 
     Ties keep the configured order. ``what`` names the config key in error messages.

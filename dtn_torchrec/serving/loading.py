@@ -36,9 +36,9 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.distributed.build import build_sharded_model
 from dtn_torchrec.distributed.checkpoint import META_FILE, CheckpointManager
 from dtn_torchrec.distributed.checkpoint_files import METADATA_FILE, read_metadata_file
-from dtn_torchrec.distributed.build import build_sharded_model
 from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.model import MultiTaskModel
 from dtn_torchrec.train.config import RunConfig
@@ -99,7 +99,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
             return CheckpointRef(root, selected)
         logger.warning(
             "%s names step %d, which is not a complete checkpoint in %s: using the latest",
-            p / SUMMARY_FILE, selected, root,
+            p / SUMMARY_FILE,
+            selected,
+            root,
         )
     for root in (p, p / CHECKPOINT_DIR):
         step = CheckpointManager(root).latest_step()
@@ -350,9 +352,7 @@ def load_sharded_model(
     """
     model = InferenceModel(build_model(cfg.model, schema, device=torch.device("meta")))
     check_state_matches(model, saved_model_shapes(ref), ref, data_dir)
-    dmp, _ = build_sharded_model(
-        model, cfg.sharding, schema, device=device, batch_size=batch_size
-    )
+    dmp, _ = build_sharded_model(model, cfg.sharding, schema, device=device, batch_size=batch_size)
     restore(dmp, ref)
     return dmp.eval()
 

@@ -25,18 +25,18 @@ from typing import Any, Dict, Literal, Optional, Sequence
 
 import yaml
 
-from dtn_torchrec.distributed.config import (
-    DenseOptimizerConfig,
-    ShardingConfig,
-    SparseOptimizerConfig,
-)
-from dtn_torchrec.models.config import ModelConfig
 from dtn_torchrec.dataclass_config import (
     ConfigError,
     apply_overrides,
     config_to_dict,
     dataclass_from_dict,
 )
+from dtn_torchrec.distributed.config import (
+    DenseOptimizerConfig,
+    ShardingConfig,
+    SparseOptimizerConfig,
+)
+from dtn_torchrec.models.config import ModelConfig
 
 
 @dataclass

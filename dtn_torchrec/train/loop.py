@@ -139,8 +139,7 @@ class Trainer:
         resumed_from_step = self.state.step
         if self._valid_split is None:
             self._reporter.message(
-                "[select] warning: no valid split to select on; the run reports its last "
-                "evaluation"
+                "[select] warning: no valid split to select on; the run reports its last evaluation"
             )
         while self.state.epoch < self._cfg.epochs and not self._finished():
             batches = self._epoch_batches()

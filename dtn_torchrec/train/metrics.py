@@ -148,9 +148,7 @@ def compute_task_metrics(
             f"[N, {len(task_names)}] for tasks {task_names}"
         )
     parents = DEFAULT_PARENT_TASKS if parent_tasks is None else parent_tasks
-    results = {
-        name: task_metrics(logits[:, i], labels[:, i]) for i, name in enumerate(task_names)
-    }
+    results = {name: task_metrics(logits[:, i], labels[:, i]) for i, name in enumerate(task_names)}
     for child, parent in parents.items():
         if child in task_names and parent in task_names:
             c, p = task_names.index(child), task_names.index(parent)

@@ -59,7 +59,9 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.update(1)
 
-    def log_train(self, step: int, epoch: int, losses: Mapping[str, float], lr: Optional[float]) -> None:
+    def log_train(
+        self, step: int, epoch: int, losses: Mapping[str, float], lr: Optional[float]
+    ) -> None:
         """Logs the mean training losses since the previous call and the window's samples/s."""
         if not self._active:
             return
@@ -80,7 +82,9 @@ class ProgressReporter:
             if lr is not None:
                 self._writer.add_scalar("train/lr", lr, step)
 
-    def log_eval(self, step: int, split: str, metrics: Mapping[str, Mapping[str, Optional[float]]]) -> None:
+    def log_eval(
+        self, step: int, split: str, metrics: Mapping[str, Mapping[str, Optional[float]]]
+    ) -> None:
         """Logs ``{task: {metric: value}}`` of one evaluation of ``split``."""
         if not self._active:
             return
@@ -114,4 +118,3 @@ class ProgressReporter:
 
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.5f}"
-

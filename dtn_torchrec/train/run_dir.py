@@ -140,8 +140,7 @@ def check_model_config(
     if not keys:
         return
     listed = ", ".join(
-        f"{k} ({_lookup(saved, k)!r} -> {_lookup(current, k)!r})"
-        for k in keys[:_MAX_LISTED]
+        f"{k} ({_lookup(saved, k)!r} -> {_lookup(current, k)!r})" for k in keys[:_MAX_LISTED]
     )
     if len(keys) > _MAX_LISTED:
         listed += f", ... ({len(keys)} keys in all)"

@@ -15,26 +15,27 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
+
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.reader import ParquetBatchReader
 from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
 from dtn_torchrec.distributed.launch import DistributedContext
-from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
 from dtn_torchrec.distributed.optimizers import build_dense_optimizer
 from dtn_torchrec.distributed.planning import format_plan, plan_to_json
 from dtn_torchrec.models.multitask.precision import configure_dense_arch
+from dtn_torchrec.train.checkpointing import RANK_LOCAL_KEYS, TrainCheckpointer
 from dtn_torchrec.train.config import RunConfig, run_config_to_dict
+from dtn_torchrec.train.evaluation import Evaluator
+from dtn_torchrec.train.loop import Trainer
+from dtn_torchrec.train.progress import ProgressReporter
 from dtn_torchrec.train.run_dir import (
     CHECKPOINT_DIR,
     check_dataset,
     check_model_config,
     write_run_record,
 )
-from dtn_torchrec.train.checkpointing import RANK_LOCAL_KEYS, TrainCheckpointer
-from dtn_torchrec.train.evaluation import Evaluator
-from dtn_torchrec.train.loop import Trainer
-from dtn_torchrec.train.progress import ProgressReporter
 from dtn_torchrec.train.steps import StepRunner
 from dtn_torchrec.train.summary import SUMMARY_FILE, build_summary
 
@@ -172,7 +173,9 @@ def run_training(
     return summary
 
 
-def _reader(cfg: RunConfig, split: str, ctx: DistributedContext, *, train: bool) -> ParquetBatchReader:
+def _reader(
+    cfg: RunConfig, split: str, ctx: DistributedContext, *, train: bool
+) -> ParquetBatchReader:
     return ParquetBatchReader(
         cfg.data.path,
         split,
@@ -199,7 +202,10 @@ def _eval_splits(cfg: RunConfig, schema: SchemaSpec) -> List[str]:
 
 
 def _check_splits(cfg: RunConfig, schema: SchemaSpec) -> None:
-    for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+    for key, split in (
+        ("data.train_split", cfg.data.train_split),
+        ("data.eval_split", cfg.data.eval_split),
+    ):
         if split not in schema.splits:
             raise ValueError(
                 f"{key}: split {split!r} is not in {cfg.data.path}/schema.json "

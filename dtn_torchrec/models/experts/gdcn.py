@@ -24,7 +24,9 @@ class GatedCrossLayer(nn.Module):
         device (Optional[torch.device]): where the parameters live.
     """
 
-    def __init__(self, dim: int, bias_init: str = "zeros", device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self, dim: int, bias_init: str = "zeros", device: Optional[torch.device] = None
+    ) -> None:
         super().__init__()
         self.bias_init = bias_init
         self.cross = Dense(dim, dim, bias=False, init="glorot_uniform", device=device)
@@ -75,7 +77,8 @@ class GDCNExpert(nn.Module):
         super().__init__()
         self.structure = structure
         self.cross_layers = nn.ModuleList(
-            GatedCrossLayer(input_dim, bias_init=bias_init, device=device) for _ in range(num_layers)
+            GatedCrossLayer(input_dim, bias_init=bias_init, device=device)
+            for _ in range(num_layers)
         )
         self.mlp: Optional[DenseStack] = None
         projection_in = input_dim

@@ -29,7 +29,11 @@ class InstanceGuidedMask(nn.Module):
     """
 
     def __init__(
-        self, input_dim: int, hidden_dim: int, output_dim: int, device: Optional[torch.device] = None
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         self.aggregate = Dense(input_dim, hidden_dim, device=device)
@@ -121,7 +125,8 @@ class MaskNetExpert(nn.Module):
             block_inputs = [emb_dim] + [block_dim] * (num_blocks - 1)
             mlp_in = block_dim
         self.blocks = nn.ModuleList(
-            MaskBlock(emb_dim, d_in, mask_hidden_dim, block_dim, device=device) for d_in in block_inputs
+            MaskBlock(emb_dim, d_in, mask_hidden_dim, block_dim, device=device)
+            for d_in in block_inputs
         )
         self.mlp = DenseStack(mlp_in, mlp_dims, dropout=dropout, device=device)
         self.output_dim = mlp_dims[-1]

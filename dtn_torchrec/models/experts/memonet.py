@@ -125,7 +125,9 @@ class MemoNetExpert(nn.Module):
         self.shrink: Optional[GlobalAttentiveShrink] = None
         num_vectors = self.num_pairs
         if shrink == "gas":
-            self.shrink = GlobalAttentiveShrink(num_crossed_fields, num_fields * embedding_dim, device=device)
+            self.shrink = GlobalAttentiveShrink(
+                num_crossed_fields, num_fields * embedding_dim, device=device
+            )
             num_vectors = num_crossed_fields
         projection_in = num_fields * embedding_dim + num_vectors * codeword_dim
         self.projection = Dense(projection_in, output_dim, device=device)
@@ -138,7 +140,9 @@ class MemoNetExpert(nn.Module):
             torch.Tensor: ``[B, H]``.
         """
         if inputs.pair_ids is None:
-            raise ValueError("MemoNetExpert needs ExpertInputs.pair_ids; build SparseArch with pair_hash")
+            raise ValueError(
+                "MemoNetExpert needs ExpertInputs.pair_ids; build SparseArch with pair_hash"
+            )
         codewords = self.codebook(inputs.pair_ids)[MEMONET_PAIRS_KEY].values()  # [B*P*K, d]
         # Ids are ordered [row][pair][hash], so this is the concat over hashes [z_1; ...; z_K].
         z = self.merge(codewords.view(-1, self.num_pairs, self.num_hash * self.codeword_dim))

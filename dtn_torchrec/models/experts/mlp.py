@@ -40,7 +40,11 @@ class MLPExpert(nn.Module):
     ) -> None:
         super().__init__()
         self.mlp = DenseStack(
-            input_dim, list(hidden_dims) + [output_dim], dropout=dropout, init="glorot_uniform", device=device
+            input_dim,
+            list(hidden_dims) + [output_dim],
+            dropout=dropout,
+            init="glorot_uniform",
+            device=device,
         )
         self.output_dim = output_dim
 

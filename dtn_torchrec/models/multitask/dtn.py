@@ -105,7 +105,9 @@ class DTN(nn.Module):
 
         self.own_gates = nn.ModuleDict({t: gate(num_own) for t in self._tasks})
         self.other_gates = nn.ModuleDict({t: gate(num_other) for t in self._tasks})
-        self.towers = build_towers(self._tasks, 2 * dim if self._paper else dim, tower, device=device)
+        self.towers = build_towers(
+            self._tasks, 2 * dim if self._paper else dim, tower, device=device
+        )
 
     def _group_outputs(self, inputs: ExpertInputs) -> Dict[str, torch.Tensor]:
         """Every group's module outputs ``[B, K, H]``; module ``k`` of all groups at once."""

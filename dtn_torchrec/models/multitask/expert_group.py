@@ -79,6 +79,8 @@ def check_task_names(tasks: List[str], reserved: Sequence[str] = ()) -> None:
         raise ValueError(f"duplicate task names in {tasks}")
     for task in tasks:
         if not task.isidentifier():
-            raise ValueError(f"task name {task!r} must be an identifier (letters, digits, underscore)")
+            raise ValueError(
+                f"task name {task!r} must be an identifier (letters, digits, underscore)"
+            )
         if task in reserved:
             raise ValueError(f"task name {task!r} is reserved here ({list(reserved)})")

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from dtn_torchrec.models.experts.gdcn import GDCNExpert, GatedCrossLayer
+from dtn_torchrec.models.experts.gdcn import GatedCrossLayer, GDCNExpert
 from dtn_torchrec.models.experts.masknet import MaskNetExpert
 from dtn_torchrec.models.experts.mlp import MLPExpert
 
@@ -29,7 +29,10 @@ def _linears(stack: nn.Sequential) -> List[nn.Linear]:
 
 
 def _same_shapes(layer_lists: Sequence[Sequence[nn.Linear]]) -> bool:
-    shapes = {tuple((l.in_features, l.out_features, l.bias is not None) for l in ls) for ls in layer_lists}
+    shapes = {
+        tuple((layer.in_features, layer.out_features, layer.bias is not None) for layer in ls)
+        for ls in layer_lists
+    }
     return len(shapes) == 1
 
 
@@ -56,8 +59,8 @@ def batched_linear(
 
 
 def _stack(layers: Sequence[nn.Linear]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    weight = torch.stack([l.weight for l in layers])
-    bias = torch.stack([l.bias for l in layers]) if layers[0].bias is not None else None
+    weight = torch.stack([layer.weight for layer in layers])
+    bias = torch.stack([layer.bias for layer in layers]) if layers[0].bias is not None else None
     return weight, bias
 
 
@@ -71,7 +74,9 @@ def stacked_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor
     return batched_linear(x, *_stack(layers), shared=False)
 
 
-def fused_sequential(x: torch.Tensor, stacks: Sequence[nn.Sequential], shared: bool) -> torch.Tensor:
+def fused_sequential(
+    x: torch.Tensor, stacks: Sequence[nn.Sequential], shared: bool
+) -> torch.Tensor:
     """``E`` ``nn.Sequential`` of the same layout (Linear / elementwise modules) at once.
 
     The elementwise modules (activations, dropout) of the first stack are applied to the stacked
@@ -115,9 +120,11 @@ def _gdcn_forward(experts: Sequence[nn.Module], flat: torch.Tensor) -> torch.Ten
     c: torch.Tensor = flat
     for position in range(len(experts[0].cross_layers)):
         layers: List[GatedCrossLayer] = [e.cross_layers[position] for e in experts]
-        weight = torch.stack([torch.cat([l.cross.weight, l.gate.weight]) for l in layers])
+        weight = torch.stack(
+            [torch.cat([layer.cross.weight, layer.gate.weight]) for layer in layers]
+        )
         cross, gate = batched_linear(c, weight, None, shared=position == 0).chunk(2, dim=-1)
-        bias = torch.stack([l.bias for l in layers]).unsqueeze(1)  # [E, 1, N]
+        bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)  # [E, 1, N]
         c = flat * (cross + bias) * torch.sigmoid(gate) + c  # [E, B, N]
     return stacked_linear(c, [e.projection for e in experts])
 
@@ -134,19 +141,25 @@ def _masknet_forward(experts: Sequence[nn.Module], flat: torch.Tensor) -> torch.
     bias = torch.stack([b.norm.bias for b in blocks]).unsqueeze(1)
     h = torch.relu(nn.functional.layer_norm(h, norm.normalized_shape, eps=norm.eps) * weight + bias)
     num_experts, num_blocks = len(experts), len(experts[0].blocks)
-    h = h.view(num_experts, num_blocks, -1, h.shape[-1]).permute(0, 2, 1, 3).flatten(2)  # [E, B, K*block]
+    h = (
+        h.view(num_experts, num_blocks, -1, h.shape[-1]).permute(0, 2, 1, 3).flatten(2)
+    )  # [E, B, K*block]
     return fused_sequential(h, [e.mlp.layers for e in experts], shared=False)
 
 
 def _masknet_fusable(experts: Sequence[nn.Module]) -> bool:
-    if not all(type(e) is MaskNetExpert and e.mode == "parallel" and e.emb_norm is None for e in experts):
+    if not all(
+        type(e) is MaskNetExpert and e.mode == "parallel" and e.emb_norm is None for e in experts
+    ):
         return False
     per_block = [[b.mask.aggregate, b.mask.project, b.hidden] for e in experts for b in e.blocks]
     return (
         len({len(e.blocks) for e in experts}) == 1
         and _same_shapes(per_block)
         and len({b.norm.eps for e in experts for b in e.blocks}) == 1
-        and all(b.norm.elementwise_affine and b.norm.bias is not None for e in experts for b in e.blocks)
+        and all(
+            b.norm.elementwise_affine and b.norm.bias is not None for e in experts for b in e.blocks
+        )
         and can_fuse_sequentials([e.mlp.layers for e in experts])
     )
 

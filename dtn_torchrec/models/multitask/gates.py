@@ -24,7 +24,9 @@ GATE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def gate_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function applied to gate logits before the softmax (``none`` or ``relu``)."""
     if name not in GATE_ACTIVATIONS:
-        raise ValueError(f"unknown gate activation {name!r}; choose one of {sorted(GATE_ACTIVATIONS)}")
+        raise ValueError(
+            f"unknown gate activation {name!r}; choose one of {sorted(GATE_ACTIVATIONS)}"
+        )
     return GATE_ACTIVATIONS[name]
 
 
@@ -49,7 +51,11 @@ class InputGate(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, num_experts: int, activation: str = "none", device: Optional[torch.device] = None
+        self,
+        in_dim: int,
+        num_experts: int,
+        activation: str = "none",
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -82,7 +88,11 @@ class ExpertOutputGate(nn.Module):
     """
 
     def __init__(
-        self, num_experts: int, dim: int, activation: str = "relu", device: Optional[torch.device] = None
+        self,
+        num_experts: int,
+        dim: int,
+        activation: str = "relu",
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:

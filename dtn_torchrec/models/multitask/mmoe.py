@@ -22,6 +22,7 @@ from dtn_torchrec.models.multitask.gates import InputGate, weighted_sum
 from dtn_torchrec.models.multitask.towers import build_towers
 from dtn_torchrec.models.types import ExpertInputs
 
+
 class MMoE(nn.Module):
     """``g_t = softmax(act(W_t x))``; task input ``sum_k g_t,k e_k`` (paper) or
     ``concat_k g_t,k e_k`` (the reference TF baseline); ``logit_t = Tower_t(task input)``.
@@ -58,11 +59,17 @@ class MMoE(nn.Module):
         self._concat: bool = config.combine == "concat"
         n = config.num_experts
         self.experts = ExpertGroup(
-            [config.expert] * n, [f"mmoe_expert_{k}" for k in range(n)], num_fields, embedding_dim, factory
+            [config.expert] * n,
+            [f"mmoe_expert_{k}" for k in range(n)],
+            num_fields,
+            embedding_dim,
+            factory,
         )
         self.gates = nn.ModuleDict(
             {
-                task: InputGate(num_fields * embedding_dim, n, config.gate_activation, device=device)
+                task: InputGate(
+                    num_fields * embedding_dim, n, config.gate_activation, device=device
+                )
                 for task in tasks
             }
         )
@@ -73,9 +80,13 @@ class MMoE(nn.Module):
     def forward(self, inputs: ExpertInputs) -> torch.Tensor:
         experts = self.experts(inputs)  # [B, K, H]
         if self._fused_heads:  # all gates in one GEMM, all towers in batched GEMMs
-            weights = fused_input_gates([self.gates[t] for t in self._tasks], inputs.flat)  # [T, B, K]
+            weights = fused_input_gates(
+                [self.gates[t] for t in self._tasks], inputs.flat
+            )  # [T, B, K]
             if self._concat:
-                task_inputs = (experts.unsqueeze(0) * weights.unsqueeze(-1)).flatten(2)  # [T, B, K*H]
+                task_inputs = (experts.unsqueeze(0) * weights.unsqueeze(-1)).flatten(
+                    2
+                )  # [T, B, K*H]
             else:
                 task_inputs = torch.einsum("bkh,tbk->tbh", experts, weights)  # [T, B, H]
             return fused_towers([self.towers[t] for t in self._tasks], task_inputs)

@@ -83,7 +83,10 @@ class PLE(nn.Module):
             groups = {
                 group: ExpertGroup(
                     [config.expert] * (n_shared if group == SHARED else n_task),
-                    [f"ple_l{level}_{group}_{k}" for k in range(n_shared if group == SHARED else n_task)],
+                    [
+                        f"ple_l{level}_{group}_{k}"
+                        for k in range(n_shared if group == SHARED else n_task)
+                    ],
                     in_fields,
                     in_dim,
                     factory,
@@ -99,7 +102,9 @@ class PLE(nn.Module):
             self.task_gates.append(
                 nn.ModuleDict(
                     {
-                        t: InputGate(gate_in, n_task + n_shared, config.gate_activation, device=device)
+                        t: InputGate(
+                            gate_in, n_task + n_shared, config.gate_activation, device=device
+                        )
                         for t in self._tasks
                     }
                 )
@@ -107,7 +112,10 @@ class PLE(nn.Module):
             if level < config.num_levels - 1:
                 self.shared_gates.append(
                     InputGate(
-                        gate_in, len(self._tasks) * n_task + n_shared, config.gate_activation, device=device
+                        gate_in,
+                        len(self._tasks) * n_task + n_shared,
+                        config.gate_activation,
+                        device=device,
                     )
                 )
             in_fields, in_dim = 1, dims[SHARED]
@@ -118,7 +126,9 @@ class PLE(nn.Module):
         shared_input = inputs
         task_outputs: Dict[str, torch.Tensor] = {}
         for level in range(self._num_levels):
-            own = {t: self.task_experts[level][t](task_inputs[t]) for t in self._tasks}  # [B, n_t, H]
+            own = {
+                t: self.task_experts[level][t](task_inputs[t]) for t in self._tasks
+            }  # [B, n_t, H]
             shared = self.shared_experts[level](shared_input)  # [B, n_s, H]
             for t in self._tasks:
                 weights = self.task_gates[level][t](task_inputs[t].flat)

@@ -7,8 +7,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from dtn_torchrec.models.multitask.config import TowerConfig
 from dtn_torchrec.models.experts.layers import Dense
+from dtn_torchrec.models.multitask.config import TowerConfig
 
 TOWER_ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -37,7 +37,9 @@ class Tower(nn.Module):
         torch.Tensor: logits ``[B, 1]``.
     """
 
-    def __init__(self, in_dim: int, config: TowerConfig, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self, in_dim: int, config: TowerConfig, device: Optional[torch.device] = None
+    ) -> None:
         super().__init__()
         layers: List[nn.Module] = []
         for width in config.hidden_dims:
