@@ -44,7 +44,7 @@ from benchmarks.common import (
     peak_rss_bytes,
     run_ranks,
 )
-from benchmarks.conditions import OtherCpuMonitor, is_contended
+from benchmarks.conditions import OtherCpuMonitor, is_contended, measure_gemm_peaks
 from dtn_torchrec.atomic_files import write_json_atomic
 
 MAPPINGS = ("vocab", "hash", "mch")
@@ -367,7 +367,15 @@ def main(argv: List[str] | None = None) -> int:
             >= 0.7 * by["hash"]["samples_per_s"],
         }
     )
+    # The machine's dense peak in the same run, so the rates above can be read against it.
+    peaks = {dtype: peak.record() for dtype, peak in measure_gemm_peaks().items()}
+    contended = contended or any(peak["contended"] for peak in peaks.values())
     print(table)
+    print(
+        "GEMM peak: "
+        + ", ".join(f"{d} {p['flops'] / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
+        + f" ({torch.get_num_threads()} threads)"
+    )
     print("targets: " + ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in targets.items()))
     if contended:
         print(
@@ -379,6 +387,7 @@ def main(argv: List[str] | None = None) -> int:
         "stream": asdict(stream),
         "train": asdict(train),
         "machine": machine_info(),
+        "gemm_peak": peaks,
         "results": results,
         "targets": targets,
         "contended": contended,
