@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from benchmarks.conditions import (
@@ -108,12 +109,23 @@ def timed_windows(step: Callable[[], int], spec: WindowSpec) -> WindowTimes:
             samples += step()
             count += 1
             elapsed = time.perf_counter() - start
-            if elapsed >= spec.window_seconds:
+            if _window_over(elapsed >= spec.window_seconds):
                 break
         others.append(monitor.stop())
         rates.append(samples / elapsed)
         steps.append(count)
     return WindowTimes(rates, steps, others)
+
+
+def _window_over(over_here: bool) -> bool:
+    """Whether the window ends after this step, agreed by every rank: each rank's clock would
+    end it after a different number of steps, and a rank that stops early leaves the others
+    waiting in the step's collectives."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return over_here
+    flag = torch.tensor([1 if over_here else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def peak_rss_bytes() -> int:
