@@ -1,5 +1,5 @@
 """The quality benchmark's pieces: seed lists, tuning seeds kept apart from reporting seeds, the
-aggregation over structures (tests/test_learning.py runs the whole benchmark)."""
+aggregation over structures (tests/test_model_quality_learning.py runs the whole benchmark)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training-loop helpers that need no process group."""
+"""train/evaluation.py helpers that need no process group."""
 
 from __future__ import annotations
 
