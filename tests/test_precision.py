@@ -68,6 +68,11 @@ def test_bf16_step_keeps_fp32_weights_grads_and_logits_close_to_fp32(name: str) 
     assert got.dtype == torch.float32 and inputs.flat.dtype == torch.float32
     # bf16 keeps 8 bits of mantissa: logits agree to about 1e-2 relative.
     torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+    # Evaluation (and so the reported metrics) runs the dense arch in fp32: equal to fp32.
+    fp32.eval(), bf16.eval()
+    with torch.no_grad():
+        assert torch.equal(bf16.model(features), fp32.model(features))
+    bf16.train()
     bf16.model(features).sum().backward()
     for param_name, param in bf16.named_parameters():
         assert param.dtype == torch.float32, param_name

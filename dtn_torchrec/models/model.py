@@ -45,16 +45,18 @@ class MultiTaskModel(nn.Module):
         self._autocast_device: str = "cpu"
 
     def set_dense_precision(self, precision: Precision, device_type: str) -> None:
-        """Runs ``dense_arch`` in ``precision``: ``bf16`` = autocast on ``device_type`` (its
-        logits come back as fp32; the embeddings and the relation stay fp32). The device is
-        fixed here because the train pipeline fx-traces ``forward``."""
+        """Runs ``dense_arch`` in ``precision`` while training: ``bf16`` = autocast on
+        ``device_type`` (its logits come back as fp32; the embeddings and the relation stay
+        fp32). In eval mode the dense arch runs in fp32, so the metrics a run reports are those
+        of the fp32 model that dtn-predict and the export score. The device is fixed here
+        because the train pipeline fx-traces ``forward``."""
         self.dense_precision = precision
         self._autocast_device = device_type
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: features: one KJT key per schema field. Returns: logits ``[B, T]`` in task order."""
         inputs = self.sparse_arch(features)
-        if self.dense_precision == "fp32":
+        if self.dense_precision == "fp32" or not self.training:
             logits = self.dense_arch(inputs)
         else:
             with dense_autocast(self._autocast_device, self.dense_precision):
