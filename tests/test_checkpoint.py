@@ -9,10 +9,10 @@ from typing import Any, Dict, List
 import pytest
 import torch
 from dist_utils import run_on_ranks
+from toy_model import rank_batch
 
 from dtn_torchrec.distributed.checkpoint import CheckpointManager
 
-GLOBAL_BATCH = 16
 RANK_LOCAL = ("reader", "rng")
 # Every sharding type the CPU supports for the model, and a data_parallel table whose state
 # lives in the dense optimiser.
@@ -30,51 +30,17 @@ TABLE_TYPES = {
 
 def _build(sparse: str) -> Any:
     """A sharded toy model with fused ``sparse`` optimiser and dense Adam with warm-up."""
-    import torch.distributed as dist
-    from toy_model import ToyModel, ToyTrain, write_known_values
+    from toy_model import sharded_toy_train
 
-    from dtn_torchrec.distributed.config import (
-        DenseOptimizerConfig,
-        ShardingConfig,
-        SparseOptimizerConfig,
-        TableShardingConfig,
-    )
-    from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
-    from dtn_torchrec.distributed.parallel import shard_model
-    from dtn_torchrec.distributed.planning import plan_model
-    from dtn_torchrec.distributed.topology import topology_from_env
+    from dtn_torchrec.distributed.config import DenseOptimizerConfig
 
-    cfg = ShardingConfig(
-        tables={
-            name: TableShardingConfig(sharding_types=types, min_partition=8 if name != "c0" else 4)
-            for name, types in TABLE_TYPES.items()
-        }
-    )
-    model = ToyTrain(ToyModel(torch.device("meta")))
-    apply_sparse_optimizer(model, SparseOptimizerConfig(name=sparse, lr=0.05))
-    batch_size = GLOBAL_BATCH // dist.get_world_size()
-    topology = topology_from_env("cpu", cfg)
-    plan = plan_model(model, cfg, topology=topology, batch_size=batch_size, pg=dist.group.WORLD)
-    dmp = shard_model(model, device=torch.device("cpu"), plan=plan)
-    write_known_values(dmp)
     dense = DenseOptimizerConfig(name="adam", lr=0.01, warmup_steps=4, grad_clip_norm=1.0)
-    return dmp, build_dense_optimizer(dmp, dense)
-
-
-def _rank_batch(seed: int) -> Any:
-    """This rank's part of global batch ``seed`` (2 x 8 rows; one rank takes both halves)."""
-    import torch.distributed as dist
-    from toy_model import concat_batches, make_batch
-
-    halves = [make_batch(seed=2 * seed + i, batch_size=GLOBAL_BATCH // 2) for i in range(2)]
-    if dist.get_world_size() == 1:
-        return concat_batches(halves)
-    return halves[dist.get_rank()]
+    return sharded_toy_train(TABLE_TYPES, sparse, dense)
 
 
 def _train(dmp: Any, optimizers: Any, steps: range) -> None:
     for step in steps:
-        loss, _ = dmp(_rank_batch(1000 + step))
+        loss, _ = dmp(rank_batch(1000 + step))
         loss.backward()
         optimizers.optimizer.step()
         optimizers.scheduler.step()
@@ -83,7 +49,7 @@ def _train(dmp: Any, optimizers: Any, steps: range) -> None:
 
 def _eval_logits(dmp: Any) -> torch.Tensor:
     with torch.no_grad():
-        _, (_, logits, _) = dmp(_rank_batch(5000))
+        _, (_, logits, _) = dmp(rank_batch(5000))
     return logits
 
 

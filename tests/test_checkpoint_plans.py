@@ -13,8 +13,8 @@ from typing import Any, Dict, List
 import pytest
 import torch
 from dist_utils import run_on_ranks
+from toy_model import rank_batch
 
-GLOBAL_BATCH = 16
 # Every table moves: RW <-> TW, CW <-> TW, TW <-> DP, DP <-> RW, and the sequence table RW <-> TW.
 PLAN_A = {
     "t_f0": ["row_wise"],
@@ -38,55 +38,16 @@ CW_PARAM = "model.ebc.embedding_bags.t_f1.weight"
 
 
 def _build(table_types: Dict[str, List[str]], sparse: str) -> Any:
-    import torch.distributed as dist
-    from toy_model import ToyModel, ToyTrain, write_known_values
+    from toy_model import sharded_toy_train
 
-    from dtn_torchrec.distributed.config import (
-        DenseOptimizerConfig,
-        ShardingConfig,
-        SparseOptimizerConfig,
-        TableShardingConfig,
-    )
-    from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
-    from dtn_torchrec.distributed.parallel import shard_model
-    from dtn_torchrec.distributed.planning import plan_model
-    from dtn_torchrec.distributed.topology import topology_from_env
+    from dtn_torchrec.distributed.config import DenseOptimizerConfig
 
-    cfg = ShardingConfig(
-        tables={
-            name: TableShardingConfig(sharding_types=types, min_partition=8 if name != "c0" else 4)
-            for name, types in table_types.items()
-        }
-    )
-    model = ToyTrain(ToyModel(torch.device("meta")))
-    apply_sparse_optimizer(model, SparseOptimizerConfig(name=sparse, lr=0.05))
-    batch_size = GLOBAL_BATCH // dist.get_world_size()
-    plan = plan_model(
-        model,
-        cfg,
-        topology=topology_from_env("cpu", cfg),
-        batch_size=batch_size,
-        pg=dist.group.WORLD,
-    )
-    dmp = shard_model(model, device=torch.device("cpu"), plan=plan)
-    write_known_values(dmp)
-    dense = DenseOptimizerConfig(name="adam", lr=0.01)
-    return dmp, build_dense_optimizer(dmp, dense)
-
-
-def _rank_batch(seed: int) -> Any:
-    import torch.distributed as dist
-    from toy_model import concat_batches, make_batch
-
-    halves = [make_batch(seed=2 * seed + i, batch_size=GLOBAL_BATCH // 2) for i in range(2)]
-    if dist.get_world_size() == 1:
-        return concat_batches(halves)
-    return halves[dist.get_rank()]
+    return sharded_toy_train(table_types, sparse, DenseOptimizerConfig(name="adam", lr=0.01))
 
 
 def _logits(dmp: Any) -> torch.Tensor:
     with torch.no_grad():
-        _, (_, logits, _) = dmp(_rank_batch(5000))
+        _, (_, logits, _) = dmp(rank_batch(5000))
     return logits
 
 
@@ -114,7 +75,7 @@ def _save(directory: str, plan: Dict[str, List[str]], sparse: str) -> Dict[str, 
 
     dmp, optimizers = _build(plan, sparse)
     for step in range(2):
-        loss, _ = dmp(_rank_batch(1000 + step))
+        loss, _ = dmp(rank_batch(1000 + step))
         loss.backward()
         optimizers.optimizer.step()
         optimizers.optimizer.zero_grad()
@@ -161,7 +122,7 @@ def _load(directory: str, plan: Dict[str, List[str]], sparse: str) -> Dict[str, 
     }
     dcp.load(saved, checkpoint_id=Path(directory, "step_2"))
     # One more step trains the restored tables (their optimiser state is usable).
-    loss, _ = dmp(_rank_batch(1002))
+    loss, _ = dmp(rank_batch(1002))
     loss.backward()
     optimizers.optimizer.step()
     return {

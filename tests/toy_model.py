@@ -8,7 +8,7 @@ wrapper follows DLRMTrain: ``forward(batch) -> (loss, (loss.detach(), logits.det
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,8 @@ SEQ_ROWS = 50
 SEQ_DIM = 8
 NUM_TASKS = 2
 MAX_IDS_PER_BAG = 3
+# Rows of one global batch in the checkpoint tests: 2 halves of 8, one per rank (or both on 1).
+GLOBAL_BATCH = 16
 
 
 def bag_table(feature: str) -> str:
@@ -200,3 +202,47 @@ def reference_sgd_step(
         for name, param in reference.named_parameters():
             param -= lrs[name] * param.grad
     return logits
+
+
+def sharded_toy_train(
+    table_types: Dict[str, List[str]], sparse: str, dense: Any
+) -> Tuple[Any, Any]:
+    """Inside a rank: the toy model with fused ``sparse`` optimiser, planned with the per-table
+    sharding types ``table_types`` on the default group, sharded, given known values, and the
+    ``dense`` optimiser (``DenseOptimizerConfig``). Returns ``(dmp, dense optimizers)``."""
+    import torch.distributed as dist
+
+    from dtn_torchrec.distributed.config import (
+        ShardingConfig,
+        SparseOptimizerConfig,
+        TableShardingConfig,
+    )
+    from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_dense_optimizer
+    from dtn_torchrec.distributed.parallel import shard_model
+    from dtn_torchrec.distributed.planning import plan_model
+    from dtn_torchrec.distributed.topology import topology_from_env
+
+    cfg = ShardingConfig(
+        tables={
+            name: TableShardingConfig(sharding_types=types, min_partition=8 if name != "c0" else 4)
+            for name, types in table_types.items()
+        }
+    )
+    model = ToyTrain(ToyModel(torch.device("meta")))
+    apply_sparse_optimizer(model, SparseOptimizerConfig(name=sparse, lr=0.05))
+    batch_size = GLOBAL_BATCH // dist.get_world_size()
+    topology = topology_from_env("cpu", cfg)
+    plan = plan_model(model, cfg, topology=topology, batch_size=batch_size, pg=dist.group.WORLD)
+    dmp = shard_model(model, device=torch.device("cpu"), plan=plan)
+    write_known_values(dmp)
+    return dmp, build_dense_optimizer(dmp, dense)
+
+
+def rank_batch(seed: int) -> Batch:
+    """Inside a rank: its part of global batch ``seed`` (2 x 8 rows; one rank takes both)."""
+    import torch.distributed as dist
+
+    halves = [make_batch(seed=2 * seed + i, batch_size=GLOBAL_BATCH // 2) for i in range(2)]
+    if dist.get_world_size() == 1:
+        return concat_batches(halves)
+    return halves[dist.get_rank()]
