@@ -32,14 +32,18 @@ def benchmark_root_pid() -> int:
 
 
 def _tree_cpu_seconds(root: psutil.Process) -> float:
-    """User + system CPU seconds of ``root`` and every live descendant."""
+    """User + system CPU seconds of ``root`` and its descendants, live or ended.
+
+    A descendant that ended (a ``dtn-train`` run, a rank) leaves the tree, but once reaped its
+    CPU time is in its parent's ``children_*`` times, so counting those for every live process
+    keeps it: without them an ended child's work counted as another process's."""
     total = 0.0
     for proc in [root, *root.children(recursive=True)]:
         try:
             times = proc.cpu_times()
         except psutil.Error:  # ended between listing and reading
             continue
-        total += times.user + times.system
+        total += times.user + times.system + times.children_user + times.children_system
     return total
 
 

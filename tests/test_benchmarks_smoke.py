@@ -4,6 +4,7 @@ and the pieces they are built from (synthetic data, the reference's plain tables
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -229,6 +230,15 @@ def test_other_cpu_monitor_counts_cpu_outside_the_watched_tree() -> None:
         sleeper.wait()
     assert others > CONTENDED_CORES
     assert is_contended([0.0, others]) and not is_contended([0.0, CONTENDED_CORES])
+
+
+def test_other_cpu_monitor_counts_an_ended_child_as_ours() -> None:
+    # A child that spins and exits inside the window (a dtn-train run) is this tree's CPU.
+    monitor = OtherCpuMonitor(root_pid=os.getpid())
+    monitor.start()
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    assert monitor.stop() < 0.5
 
 
 def test_gemm_peak_is_the_best_window_of_square_matmuls() -> None:
