@@ -55,21 +55,8 @@ ALICCP_FIELDS: List[str] = [
 ]
 ALICCP_LABELS: List[str] = ["click", "conversion"]
 # Fields that appear in common_features_*.csv (user side); the rest live in the skeleton.
-ALICCP_USER_FIELDS: List[str] = [
-    "101",
-    "109_14",
-    "110_14",
-    "127_14",
-    "150_14",
-    "121",
-    "122",
-    "124",
-    "125",
-    "126",
-    "127",
-    "128",
-    "129",
-]
+# They are the first 13 of the reference order.
+ALICCP_USER_FIELDS: List[str] = ALICCP_FIELDS[:13]
 
 
 def weight_column_name(field_name: str) -> str:
