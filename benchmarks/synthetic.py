@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -216,16 +216,19 @@ def cached_dataset(
 class PlantedLabels:
     """A known label model over single-valued fields, so test AUC means something.
 
-    ``logit_t = bias_t + sum_f w_t,f[id_f] + <u_t[id_a_t], v_t[id_b_t]>``: per-id main effects of
-    every field (Gaussian, ``main_std``) and one rank-``rank`` cross per task between two
-    fields (click and conversion cross different pairs, so the tasks differ). Conversion is
-    drawn only on clicked rows (``P(conv) = P(click) P(conv | click)``).
+    ``logit_t = bias_t + sum_f w_t,f[id_f] + sum_(a,b) <u_t,ab[id_a], v_t,ab[id_b]>``: per-id
+    main effects of every field (Gaussian, ``main_std``) and ``crosses_per_task`` rank-``rank``
+    crosses per task between pairs of fields. One cross per task uses fixed pairs (click crosses
+    fields F-2 and F-4, conversion F-3 and F-4: a shared item-like field, task-specific
+    partners); more are drawn per task by ``draw_cross_pairs`` from the dataset's seed.
+    Conversion is drawn only on clicked rows (``P(conv) = P(click) P(conv | click)``).
 
     Args:
         main_std: std of each field's per-id effect.
         cross_std: std of the cross factors' entries.
         rank: cross rank.
         click_bias, conversion_bias: logit offsets (base rates of about 10% and 20% of clicks).
+        crosses_per_task: pairwise crosses per task.
     """
 
     main_std: float = 0.35
@@ -233,6 +236,94 @@ class PlantedLabels:
     rank: int = 4
     click_bias: float = -2.6
     conversion_bias: float = -1.8
+    crosses_per_task: int = 1
+
+
+FieldPair = Tuple[int, int]
+# Stream of the pair draw, apart from the data's: the ids and labels keep their draws.
+_PAIR_STREAM = 1
+
+
+def draw_cross_pairs(
+    num_fields: int, crosses_per_task: int, tasks: Sequence[str], seed: int
+) -> Dict[str, List[FieldPair]]:
+    """``crosses_per_task`` distinct field pairs ``(a, b)``, ``a < b``, per task, each task's
+    drawn independently from all ``F (F - 1) / 2`` pairs: tasks share a pair only by chance
+    (``k^2 / (F (F - 1) / 2)`` pairs expected: 0.34 for 8 crosses of 20 fields)."""
+    candidates = [(a, b) for a in range(num_fields) for b in range(a + 1, num_fields)]
+    if not 1 <= crosses_per_task <= len(candidates):
+        raise ValueError(
+            f"crosses_per_task must lie in 1..{len(candidates)} for {num_fields} fields, "
+            f"got {crosses_per_task}"
+        )
+    rng = np.random.default_rng([seed, _PAIR_STREAM])
+    return {
+        t: [candidates[i] for i in sorted(rng.choice(len(candidates), crosses_per_task, False))]
+        for t in tasks
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class PlantedModel:
+    """The drawn parameters of ``PlantedLabels`` over a list of fields.
+
+    Args:
+        bias: logit offset per task.
+        mains: per task, per field, the per-id effect ``[num_embeddings]``.
+        crosses: per task, ``(a, b, u [rows_a, R], v [rows_b, R])`` per crossed pair.
+    """
+
+    bias: Dict[str, float]
+    mains: Dict[str, List[np.ndarray]]
+    crosses: Dict[str, List[Tuple[int, int, np.ndarray, np.ndarray]]]
+
+    @classmethod
+    def draw(
+        cls,
+        rng: np.random.Generator,
+        fields: Sequence[SyntheticField],
+        labels: PlantedLabels,
+        seed: int,
+    ) -> "PlantedModel":
+        """Main effects, then the cross factors of every task's pairs, from ``rng``; pairs
+        from ``seed`` (see ``PlantedLabels``)."""
+        tasks = list(ALICCP_LABELS)
+        mains = {
+            t: [rng.normal(0.0, labels.main_std, f.num_embeddings) for f in fields] for t in tasks
+        }
+        if labels.crosses_per_task == 1:
+            last = len(fields) - 1
+            pairs = {tasks[0]: [(last - 1, last - 3)], tasks[1]: [(last - 2, last - 3)]}
+        else:
+            pairs = draw_cross_pairs(len(fields), labels.crosses_per_task, tasks, seed)
+        crosses = {
+            t: [
+                (
+                    a,
+                    b,
+                    rng.normal(0.0, labels.cross_std, (fields[a].num_embeddings, labels.rank)),
+                    rng.normal(0.0, labels.cross_std, (fields[b].num_embeddings, labels.rank)),
+                )
+                for a, b in pairs[t]
+            ]
+            for t in tasks
+        }
+        bias = {tasks[0]: labels.click_bias, tasks[1]: labels.conversion_bias}
+        return cls(bias=bias, mains=mains, crosses=crosses)
+
+    def pairs(self) -> Dict[str, List[FieldPair]]:
+        return {t: [(a, b) for a, b, _, _ in c] for t, c in self.crosses.items()}
+
+    def logits(self, ids: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+        """Per task, ``[N]`` logits of rows whose field ``f`` holds ``ids[f]`` (``[N]`` each);
+        click's is P(click), conversion's P(conversion | click)."""
+        out = {}
+        for t, mains in self.mains.items():
+            logit = self.bias[t] + sum(m[i] for m, i in zip(mains, ids))
+            for a, b, u, v in self.crosses[t]:
+                logit = logit + np.einsum("nr,nr->n", u[ids[a]], v[ids[b]])
+            out[t] = logit
+        return out
 
 
 def write_planted_dataset(
@@ -243,73 +334,68 @@ def write_planted_dataset(
     seed: int,
     labels: PlantedLabels = PlantedLabels(),
     zipf_exponent: float = 1.1,
+    valid_fraction: float = 0.0,
 ) -> SchemaSpec:
     """Writes ``out_dir/<split>/part-00000.parquet`` for each split, ``schema.json`` and
-    ``truth.json`` (the oracle AUC of every split and task, from the true probabilities).
+    ``truth.json`` (the oracle AUC of every split and task from the true probabilities, and the
+    crossed field pairs per task).
 
     Fields must be single-valued (``max_length == 1``, always present); ids are Zipf.
+    ``valid_fraction`` > 0 moves that share of the train rows to a ``valid`` split, chosen by
+    ``dtn-prepare``'s hash of the sample id (its default seed), as its default run does.
     """
     import torch
 
+    from dtn_torchrec.data.prepare import valid_mask
     from dtn_torchrec.train.metrics import binary_auc  # the same AUC as the trainer's
 
     if any(f.max_length != 1 or f.min_length != 1 or f.present < 1.0 for f in fields):
         raise ValueError("planted labels need single-valued fields that are always present")
     if len(fields) < 3:
         raise ValueError("planted labels need at least 3 fields (two crosses)")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must lie in [0, 1), got {valid_fraction}")
     rng = np.random.default_rng(seed)
     tasks = list(ALICCP_LABELS)
-    mains = {t: [rng.normal(0.0, labels.main_std, f.num_embeddings) for f in fields] for t in tasks}
-    # click crosses the two largest-but-one fields, conversion the third largest with the same
-    # second field: a shared item-like field and task-specific partners.
-    pairs = {
-        tasks[0]: (len(fields) - 2, len(fields) - 4),
-        tasks[1]: (len(fields) - 3, len(fields) - 4),
-    }
-    crosses = {
-        t: (
-            rng.normal(0.0, labels.cross_std, (fields[a].num_embeddings, labels.rank)),
-            rng.normal(0.0, labels.cross_std, (fields[b].num_embeddings, labels.rank)),
-        )
-        for t, (a, b) in pairs.items()
-    }
-    bias = {tasks[0]: labels.click_bias, tasks[1]: labels.conversion_bias}
+    model = PlantedModel.draw(rng, fields, labels, seed)
     out = Path(out_dir)
     splits: Dict[str, SplitSpec] = {}
     oracle: Dict[str, Dict[str, float]] = {}
     start = 0
     for split, n in split_rows.items():
-        (out / split).mkdir(parents=True, exist_ok=True)
         ids = [_draw_ids(rng, n, f.num_embeddings, "zipf", zipf_exponent) for f in fields]
-        prob = {}
-        for t in tasks:
-            logit = bias[t] + sum(m[i] for m, i in zip(mains[t], ids))
-            (u, v), (a, b) = crosses[t], pairs[t]
-            logit = logit + np.einsum("nr,nr->n", u[ids[a]], v[ids[b]])
-            prob[t] = 1.0 / (1.0 + np.exp(-logit))
+        prob = {t: 1.0 / (1.0 + np.exp(-logit)) for t, logit in model.logits(ids).items()}
         click = rng.random(n) < prob[tasks[0]]
         conversion = click & (rng.random(n) < prob[tasks[1]])
-        columns: Dict[str, pa.Array] = {
-            SAMPLE_ID_COLUMN: pa.array(np.arange(start, start + n, dtype=np.int64))
-        }
-        offsets = pa.array(np.arange(n + 1, dtype=np.int32))
-        for f, values in zip(fields, ids):
-            columns[f.name] = pa.ListArray.from_arrays(offsets, pa.array(values))
-        columns[tasks[0]] = pa.array(click.astype(np.int8))
-        columns[tasks[1]] = pa.array(conversion.astype(np.int8))
-        relative = f"{split}/part-00000.parquet"
-        pq.write_table(pa.table(columns), out / relative, row_group_size=max(1, min(8192, n // 8)))
-        splits[split] = SplitSpec(rows=n, files=[relative], rows_read=n)
+        sample_ids = np.arange(start, start + n, dtype=np.int64)
         truth = {tasks[0]: prob[tasks[0]], tasks[1]: prob[tasks[0]] * prob[tasks[1]]}
         observed = {tasks[0]: click, tasks[1]: conversion}
-        oracle[split] = {
-            t: float(
-                binary_auc(
-                    torch.from_numpy(truth[t]), torch.from_numpy(observed[t].astype(np.float32))
+        parts = {split: np.ones(n, dtype=bool)}
+        if split == TRAIN_SPLIT and valid_fraction > 0:
+            in_valid = valid_mask(sample_ids, valid_fraction, seed=0)
+            parts = {split: ~in_valid, "valid": in_valid}
+        for name, rows in parts.items():
+            (out / name).mkdir(parents=True, exist_ok=True)
+            count = int(rows.sum())
+            columns: Dict[str, pa.Array] = {SAMPLE_ID_COLUMN: pa.array(sample_ids[rows])}
+            offsets = pa.array(np.arange(count + 1, dtype=np.int32))
+            for f, values in zip(fields, ids):
+                columns[f.name] = pa.ListArray.from_arrays(offsets, pa.array(values[rows]))
+            for t in tasks:
+                columns[t] = pa.array(observed[t][rows].astype(np.int8))
+            relative = f"{name}/part-00000.parquet"
+            group = max(1, min(8192, count // 8))
+            pq.write_table(pa.table(columns), out / relative, row_group_size=group)
+            splits[name] = SplitSpec(rows=count, files=[relative], rows_read=count)
+            oracle[name] = {
+                t: float(
+                    binary_auc(
+                        torch.from_numpy(truth[t][rows]),
+                        torch.from_numpy(observed[t][rows].astype(np.float32)),
+                    )
                 )
-            )
-            for t in tasks
-        }
+                for t in tasks
+            }
         start += n
     schema = SchemaSpec(
         fields=[
@@ -322,7 +408,10 @@ def write_planted_dataset(
         source_format="benchmark-synthetic-planted",
     )
     schema.save(out)
+    pairs = {t: [[fields[a].name, fields[b].name] for a, b in p] for t, p in model.pairs().items()}
     (out / "truth.json").write_text(
-        json.dumps({"oracle_auc": oracle, "labels": asdict(labels)}, indent=1)
+        json.dumps(
+            {"oracle_auc": oracle, "labels": asdict(labels), "crossed_fields": pairs}, indent=1
+        )
     )
     return schema
