@@ -400,3 +400,26 @@ def test_dense_step_smoke_times_every_variant(tmp_path: Path) -> None:
         assert r["dense_flops_per_s"] == pytest.approx(
             3 * result["forward_flops_per_sample"] * r["samples_per_s"]
         )
+
+
+@pytest.mark.slow
+def test_quality_libraries_smoke_trains_dtn_with_its_memonet_fields(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    command = [sys.executable, "-m", "benchmarks.quality_libraries", "--workdir", str(tmp_path)]
+    command += ["--train-rows", "3000", "--test-rows", "1000", "--largest-vocab", "200"]
+    command += ["--configs", str(REPO / "configs" / "dtn_demo.yaml"), "--nproc", "1"]
+    command += ["--gemm-window-seconds", "0.05", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [r["model"] for r in result["runs"]] == ["dtn_demo", "mlp_baseline"]
+    splits = result["structures"][0]["splits"]
+    assert splits["train"] + splits["valid"] == 3000 and splits["test"] == 1000
+    assert [c["check"] for c in result["ordering"]] == [
+        "dtn_demo > mlp_baseline (click)",
+        "dtn_demo > mlp_baseline (conversion)",
+    ]
+    summary = json.loads((tmp_path / "s0" / "runs" / "dtn_demo" / "summary.json").read_text())
+    memonet = [m for m in summary["config"]["model"]["dtn"]["methods"] if m["kind"] == "memonet"]
+    assert memonet[0]["fields"] == [f"f{i:02d}" for i in range(20)]
+    assert set(result["oracle_test_auc"]) == {"click", "conversion"}
