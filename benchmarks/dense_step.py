@@ -34,7 +34,7 @@ from benchmarks.common import (
     timed_windows,
 )
 from benchmarks.conditions import is_contended
-from benchmarks.reference import without_fusion
+from benchmarks.reference import build_unfused_train_model
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.models.builder import build_train_model
@@ -103,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for variant in variants:
         model = copy.deepcopy(base)
         if variant == "fp32-loop":
-            without_fusion(model.model.dense_arch)
+            model = build_unfused_train_model(cfg.model, schema, device=torch.device("cpu"))
+            model.load_state_dict(base.state_dict())
         if variant.startswith("bf16"):
             model.model.set_dense_precision("bf16", "cpu")
         if variant.endswith("compiled"):

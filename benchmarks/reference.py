@@ -19,6 +19,7 @@ import itertools
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from unittest import mock
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,8 +36,7 @@ from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.models.config import ModelConfig
-from dtn_torchrec.models.multitask import DTN, MMoE
-from dtn_torchrec.models.multitask.expert_group import ExpertGroup
+from dtn_torchrec.models.multitask import MMoE, dtn, expert_group
 
 
 class PlainEmbeddingBags(nn.Module):
@@ -99,22 +99,26 @@ class PlainEmbeddings(nn.Module):
         }
 
 
-def without_fusion(dense: nn.Module) -> nn.Module:
-    """``dense`` (in place) computing its experts, gates and towers module by module, in a
-    Python loop, as the PyTorch libraries do (``models/multitask/fused.py`` off)."""
-    for sub in dense.modules():
-        if isinstance(sub, ExpertGroup):
-            sub._fused = None
+def build_unfused_train_model(
+    model_config: ModelConfig, schema: SchemaSpec, device: torch.device
+) -> nn.Module:
+    """The train wrapper of ``model_config`` computing its experts, gates and towers module by
+    module, in a Python loop, as the PyTorch libraries do (``models/multitask/fused.py`` off:
+    the experts are built but never fused). Its ``state_dict`` keys are the fused model's."""
+    with (
+        mock.patch.object(expert_group, "fuse_experts", lambda experts: None),
+        mock.patch.object(dtn, "fuse_experts", lambda experts: None),
+    ):
+        model = build_train_model(model_config, schema, device=device)
+    for sub in model.modules():
         if isinstance(sub, MMoE):
             sub._fused_heads = False
-        if isinstance(sub, DTN):
-            sub._fused_positions = [None] * len(sub._fused_positions)
-    return dense
+    return model
 
 
 def reference_model(model_config: ModelConfig, schema: SchemaSpec) -> nn.Module:
     """The train wrapper of ``model_config`` on CPU with plain embedding tables, fp32, its
-    dense part module by module (:func:`without_fusion`).
+    dense part module by module (:func:`build_unfused_train_model`).
 
     The TorchRec tables are never allocated: the dense part is built on CPU over a schema of
     2-row tables, and every EBC / EC is then replaced by a plain twin sized from a ``meta``
@@ -124,8 +128,7 @@ def reference_model(model_config: ModelConfig, schema: SchemaSpec) -> nn.Module:
     tiny = replace(
         schema, fields=[replace(f, num_embeddings=min(f.num_embeddings, 2)) for f in schema.fields]
     )
-    model = build_train_model(model_config, tiny, device=torch.device("cpu"))
-    without_fusion(model.model.dense_arch)
+    model = build_unfused_train_model(model_config, tiny, device=torch.device("cpu"))
     for path, sub in sized.named_modules():
         if isinstance(sub, EmbeddingBagCollection):
             model.set_submodule(path, PlainEmbeddingBags(sub))

@@ -82,7 +82,7 @@ def expert_out(expert: LinearExpert, x: torch.Tensor) -> torch.Tensor:
 
 
 def stack_group(group: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    return [expert_out(e, x) for e in group.experts]
+    return [expert_out(e, x) for e in group.experts.values()]
 
 
 def mix(outputs: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,13 @@ _INITS = {
 }
 
 
+def init_dense_weight(weight: torch.Tensor, init: str) -> None:
+    """Fills a ``[out, in]`` kernel in place with :class:`Dense`'s ``init``."""
+    if init not in _INITS:
+        raise ValueError(f"Dense init must be one of {sorted(_INITS)}, got {init!r}")
+    _INITS[init](weight)
+
+
 class Dense(nn.Linear):
     """``nn.Linear`` with a Glorot kernel and a zero bias (Keras ``Dense`` defaults).
 
@@ -44,7 +51,7 @@ class Dense(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device)
 
     def reset_parameters(self) -> None:
-        _INITS[self.init](self.weight)
+        init_dense_weight(self.weight, self.init)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

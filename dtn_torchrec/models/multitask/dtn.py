@@ -34,7 +34,7 @@ from dtn_torchrec.models.multitask.config import (
     TowerConfig,
 )
 from dtn_torchrec.models.multitask.expert_group import ExpertFactory, ExpertGroup, check_task_names
-from dtn_torchrec.models.multitask.fused import ExpertsForward, fused_experts_forward
+from dtn_torchrec.models.multitask.fused import fuse_experts, keep_module_keys
 from dtn_torchrec.models.multitask.gates import ExpertOutputGate, InputGate, weighted_sum
 from dtn_torchrec.models.multitask.towers import build_towers
 from dtn_torchrec.models.task_graph import dependency_order
@@ -80,21 +80,33 @@ class DTN(nn.Module):
         self._paper: bool = config.variant == "paper"
 
         configs = [m for m in config.methods for _ in range(config.modules_per_method)]
+        groups = self._tasks + [SHARED]
         self.groups = nn.ModuleDict()
-        for group in self._tasks + [SHARED]:
+        for group in groups:
             names = [
                 f"dtn_{group}_m{i}_{m.kind}_{j}"
                 for i, m in enumerate(config.methods)
                 for j in range(config.modules_per_method)
             ]
-            self.groups[group] = ExpertGroup(configs, names, num_fields, embedding_dim, factory)
+            self.groups[group] = ExpertGroup(
+                configs, names, num_fields, embedding_dim, factory, fuse=False
+            )
         dim = self.groups[SHARED].output_dim
         num_own = len(configs)
-        # Position k of every group is the same method and shape: one batched forward each.
-        self._fused_positions: List[Optional[ExpertsForward]] = [
-            fused_experts_forward([self.groups[g].experts[k] for g in self._tasks + [SHARED]])
-            for k in range(num_own)
-        ]
+        # Position k of every group is the same method and shape: one fused module owns their
+        # weights (taken out of the groups; state_dict keys stay groups.<g>.experts.<k>.*).
+        self.fused_positions = nn.ModuleDict()
+        for k in range(num_own):
+            fused = fuse_experts([self.groups[g].experts[str(k)] for g in groups])
+            if fused is None:
+                continue
+            self.fused_positions[str(k)] = fused
+            for g in groups:
+                del self.groups[g].experts[str(k)]
+            keep_module_keys(
+                self, f"fused_positions.{k}", fused, [f"groups.{g}.experts.{k}" for g in groups]
+            )
+        self._num_positions: int = num_own
         num_other = len(self._tasks) * num_own  # other tasks' modules + the shared ones
 
         def gate(num_experts: int) -> nn.Module:
@@ -113,12 +125,13 @@ class DTN(nn.Module):
         """Every group's module outputs ``[B, K, H]``; module ``k`` of all groups at once."""
         groups = self._tasks + [SHARED]
         per_position: List[torch.Tensor] = []  # each [G, B, H]
-        for k, fused in enumerate(self._fused_positions):
-            experts = [self.groups[g].experts[k] for g in groups]
-            if fused is not None:
-                per_position.append(fused(experts, inputs.flat))
+        for k in range(self._num_positions):
+            if str(k) in self.fused_positions:
+                per_position.append(self.fused_positions[str(k)](inputs.flat))
             else:
-                per_position.append(torch.stack([e(inputs) for e in experts]))
+                per_position.append(
+                    torch.stack([self.groups[g].experts[str(k)](inputs) for g in groups])
+                )
         stacked = torch.stack(per_position, dim=2)  # [G, B, K, H]
         return {g: stacked[i] for i, g in enumerate(groups)}
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dtn_torchrec.models.experts import ExpertConfig
-from dtn_torchrec.models.multitask.fused import ExpertsForward, fused_experts_forward
+from dtn_torchrec.models.multitask.fused import fuse_experts, keep_module_keys
 from dtn_torchrec.models.types import ExpertInputs
 
 # (config, unique name, num_fields, embedding_dim) -> expert module with ``.output_dim`` whose
@@ -20,12 +20,17 @@ ExpertFactory = Callable[[ExpertConfig, str, int, int], nn.Module]
 class ExpertGroup(nn.Module):
     """``K`` experts over one input, outputs stacked to ``[B, K, H]``.
 
+    Experts of one fusable kind and shape are replaced by one fused module
+    (:func:`~dtn_torchrec.models.multitask.fused.fuse_experts`) that owns their stacked weights;
+    ``state_dict`` keys stay ``experts.<k>.<param>`` either way.
+
     Args:
         configs (Sequence[ExpertConfig]): one config per expert.
         names (Sequence[str]): one unique name per expert (MemoNet names its codebook table after it).
         num_fields (int): ``F`` of the expert input.
         embedding_dim (int): ``D`` of the expert input.
         factory (ExpertFactory): builds one expert.
+        fuse (bool): fuse the experts when they can be (DTN fuses across groups instead).
 
     Call args:
         inputs (ExpertInputs): ``fields [B, F, D]``, ``flat [B, F*D]``.
@@ -41,6 +46,7 @@ class ExpertGroup(nn.Module):
         num_fields: int,
         embedding_dim: int,
         factory: ExpertFactory,
+        fuse: bool = True,
     ) -> None:
         super().__init__()
         if len(configs) != len(names) or not configs:
@@ -48,22 +54,30 @@ class ExpertGroup(nn.Module):
                 "need at least one expert and one name per expert, got "
                 f"{len(configs)} configs, {len(names)} names"
             )
-        self.experts = nn.ModuleList(
-            [factory(cfg, name, num_fields, embedding_dim) for cfg, name in zip(configs, names)]
-        )
-        dims = {name: int(e.output_dim) for name, e in zip(names, self.experts)}
+        experts = [
+            factory(cfg, name, num_fields, embedding_dim) for cfg, name in zip(configs, names)
+        ]
+        dims = {name: int(e.output_dim) for name, e in zip(names, experts)}
         if len(set(dims.values())) != 1:
             raise ValueError(f"experts fused by one gate must share output_dim, got {dims}")
         self.output_dim: int = next(iter(dims.values()))
-        self._fused: Optional[ExpertsForward] = fused_experts_forward(list(self.experts))
+        self._num_experts: int = len(experts)
+        # Expert k under key "k" (the keys of an nn.ModuleList): DTN takes fused ones out.
+        self.experts = nn.ModuleDict({str(k): e for k, e in enumerate(experts)})
+        self.fused: Optional[nn.Module] = fuse_experts(experts) if fuse else None
+        if self.fused is not None:  # experts of one kind and shape: batched GEMMs
+            self.experts = nn.ModuleDict()
+            keep_module_keys(
+                self, "fused", self.fused, [f"experts.{k}" for k in range(len(experts))]
+            )
 
     def __len__(self) -> int:
-        return len(self.experts)
+        return self._num_experts
 
     def forward(self, inputs: ExpertInputs) -> torch.Tensor:
-        if self._fused is not None:  # experts of one kind and shape: batched GEMMs
-            return self._fused(list(self.experts), inputs.flat).transpose(0, 1)
-        return torch.stack([expert(inputs) for expert in self.experts], dim=1)
+        if self.fused is not None:
+            return self.fused(inputs.flat).transpose(0, 1)
+        return torch.stack([expert(inputs) for expert in self.experts.values()], dim=1)
 
 
 def dense_expert_inputs(x: torch.Tensor) -> ExpertInputs:

@@ -3,23 +3,24 @@
 ``E`` modules of the same shape are a Python loop of ``E`` small GEMMs per layer; stacked they
 are one GEMM (a shared input times the concatenated weights ``[in, E*out]``) or one
 ``torch.baddbmm`` (per-module inputs ``[E, B, in]`` times stacked weights ``[E, in, out]``).
-The weights are stacked from the modules' own parameters at every call (a copy of the weights,
-small next to the ``B``-row activations), so every parameter keeps its name, its own gradient
-and its checkpoint key: fusing changes the schedule of the arithmetic, never the model.
 
-Fused here: :class:`MLPExpert` (MMoE / PLE experts), :class:`GDCNExpert` with the ``projection``
-structure and parallel :class:`MaskNetExpert` (DTN's modules of one method across groups),
-:class:`Tower` (per-task towers), :class:`InputGate`.
+Experts (:class:`MLPExpert` of MMoE / PLE, :class:`GDCNExpert` with the ``projection``
+structure and parallel :class:`MaskNetExpert`, DTN's modules of one method across groups) are
+replaced by a fused module that OWNS their weights stacked (``[E, out, in]`` parameters): no copy
+of the weights forward, no scatter of their gradients backward, one bf16 cast per stack under
+autocast. :func:`keep_module_keys` keeps the per-module ``state_dict`` keys, so checkpoints of
+either layout load. Towers and gates (small) keep their own parameters and are stacked per call.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from dtn_torchrec.models.experts.gdcn import GatedCrossLayer, GDCNExpert
+from dtn_torchrec.models.experts.gdcn import GDCNExpert
+from dtn_torchrec.models.experts.layers import Dense, init_dense_weight
 from dtn_torchrec.models.experts.masknet import MaskNetExpert
 from dtn_torchrec.models.experts.mlp import MLPExpert
 
@@ -74,26 +75,9 @@ def stacked_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor
     return batched_linear(x, *_stack(layers), shared=False)
 
 
-def fused_sequential(
-    x: torch.Tensor, stacks: Sequence[nn.Sequential], shared: bool
-) -> torch.Tensor:
-    """``E`` ``nn.Sequential`` of the same layout (Linear / elementwise modules) at once.
-
-    The elementwise modules (activations, dropout) of the first stack are applied to the stacked
-    activations. Args: x ``[B, in]`` (``shared``) or ``[E, B, in]``. Returns ``[E, B, out]``.
-    """
-    for position, module in enumerate(stacks[0]):
-        if isinstance(module, nn.Linear):
-            x = batched_linear(x, *_stack([s[position] for s in stacks]), shared=shared)
-            shared = False
-        else:
-            x = module(x)
-    return x
-
-
 def can_fuse_sequentials(stacks: Sequence[nn.Sequential]) -> bool:
-    """True when the stacks have the same layout: Linear at the same positions with the same
-    shapes, and the same elementwise module types elsewhere."""
+    """True when the stacks have the same layout: :class:`Dense` at the same positions with the
+    same shapes, and the same elementwise module types elsewhere."""
     if len(stacks) < 2 or len({len(s) for s in stacks}) != 1:
         return False
     for modules in zip(*stacks):
@@ -102,49 +86,230 @@ def can_fuse_sequentials(stacks: Sequence[nn.Sequential]) -> bool:
             return False
         if isinstance(modules[0], nn.Dropout) and len({m.p for m in modules}) != 1:
             return False
-        if not isinstance(modules[0], (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout)):
+        if not isinstance(modules[0], (Dense, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout)):
             return False
     return _same_shapes([_linears(s) for s in stacks])
 
 
-# -- experts ------------------------------------------------------------------------------------
+# -- experts: fused modules that own stacked parameters ---------------------------------------
+
+# One source of a stacked parameter's slot: (module index, parameter path in that module, rows).
+# A slot is the concatenation (dim 0) of its sources; ``sources[name][e]`` are slot ``e``'s.
+Part = Tuple[int, str, int]
+Sources = Dict[str, List[List[Part]]]
 
 
-def _mlp_forward(experts: Sequence[nn.Module], flat: torch.Tensor) -> torch.Tensor:
-    return fused_sequential(flat, [e.mlp.layers for e in experts], shared=True)
+def _stack_param(modules: Sequence[nn.Module], slots: Sequence[Sequence[Tuple[int, str]]]):
+    """``(parameter [E, rows, ...], sources)``: slot ``e`` is the concatenation of the named
+    parameters of ``slots[e]``; on ``meta`` the result is ``meta`` too (DMP initialises it)."""
+    tensors = [[modules[i].get_parameter(path).detach() for i, path in slot] for slot in slots]
+    value = torch.stack([torch.cat(ts) if len(ts) > 1 else ts[0] for ts in tensors])
+    parts = [
+        [(i, path, t.shape[0]) for (i, path), t in zip(slot, ts)]
+        for slot, ts in zip(slots, tensors)
+    ]
+    return nn.Parameter(value.clone()), parts
 
 
-def _gdcn_forward(experts: Sequence[nn.Module], flat: torch.Tensor) -> torch.Tensor:
-    """``c_{l+1} = c_0 (W_c c_l + b) sigmoid(W_g c_l) + c_l`` for every expert; per layer the
-    cross and gate kernels of all experts in one GEMM (``[E, 2N, N]``)."""
-    c: torch.Tensor = flat
-    for position in range(len(experts[0].cross_layers)):
-        layers: List[GatedCrossLayer] = [e.cross_layers[position] for e in experts]
-        weight = torch.stack(
-            [torch.cat([layer.cross.weight, layer.gate.weight]) for layer in layers]
+class StackedLinear(nn.Module):
+    """``E`` :class:`Dense` maps as one: weight ``[E, out, in]``, bias ``[E, out]`` or None.
+
+    Args:
+        modules (Sequence[nn.Module]): the modules the layers come from.
+        paths (Sequence[Tuple[int, str]]): per slot ``e``, (module index, path of its Dense).
+
+    Call args:
+        x (torch.Tensor): ``[B, in]`` with ``shared`` or ``[E, B, in]``.
+        shared (bool): one input for all maps.
+
+    Returns:
+        torch.Tensor: ``[E, B, out]``.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], paths: Sequence[Tuple[int, str]]) -> None:
+        super().__init__()
+        first: Dense = modules[paths[0][0]].get_submodule(paths[0][1])
+        self.init = first.init
+        self.sources: Sources = {}
+        self.weight, self.sources["weight"] = _stack_param(
+            modules, [[(i, f"{path}.weight")] for i, path in paths]
         )
-        cross, gate = batched_linear(c, weight, None, shared=position == 0).chunk(2, dim=-1)
-        bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)  # [E, 1, N]
-        c = flat * (cross + bias) * torch.sigmoid(gate) + c  # [E, B, N]
-    return stacked_linear(c, [e.projection for e in experts])
+        if first.bias is not None:
+            self.bias, self.sources["bias"] = _stack_param(
+                modules, [[(i, f"{path}.bias")] for i, path in paths]
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        for e in range(self.weight.shape[0]):  # per slot: the fans of one [out, in] kernel
+            init_dense_weight(self.weight[e], self.init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
+        return batched_linear(x, self.weight, self.bias, shared=shared)
 
 
-def _masknet_forward(experts: Sequence[nn.Module], flat: torch.Tensor) -> torch.Tensor:
-    """Parallel MaskNet: the ``E x K`` mask blocks of all experts (they all read ``flat``) as
-    one GEMM / ``baddbmm`` per layer, then every expert's MLP."""
-    blocks = [b for e in experts for b in e.blocks]  # expert-major: [e0b0, e0b1, e1b0, ...]
-    hidden = torch.relu(shared_input_linear(flat, [b.mask.aggregate for b in blocks]))
-    mask = stacked_linear(hidden, [b.mask.project for b in blocks])  # [EK, B, N]
-    h = stacked_linear(flat * mask, [b.hidden for b in blocks])  # [EK, B, block]
-    norm = blocks[0].norm
-    weight = torch.stack([b.norm.weight for b in blocks]).unsqueeze(1)  # [EK, 1, block]
-    bias = torch.stack([b.norm.bias for b in blocks]).unsqueeze(1)
-    h = torch.relu(nn.functional.layer_norm(h, norm.normalized_shape, eps=norm.eps) * weight + bias)
-    num_experts, num_blocks = len(experts), len(experts[0].blocks)
-    h = (
-        h.view(num_experts, num_blocks, -1, h.shape[-1]).permute(0, 2, 1, 3).flatten(2)
-    )  # [E, B, K*block]
-    return fused_sequential(h, [e.mlp.layers for e in experts], shared=False)
+def _with_prefix(prefix: str, sources: Sources) -> Sources:
+    return {f"{prefix}{name}": slots for name, slots in sources.items()}
+
+
+class StackedSequential(nn.Module):
+    """``E`` ``nn.Sequential`` of one layout (:class:`Dense` / elementwise modules) as one.
+
+    The elementwise modules (activations, dropout) of the first are applied to the stacked
+    activations.
+
+    Args:
+        modules (Sequence[nn.Module]): module ``e`` holds stack ``e`` at ``path``.
+        path (str): path of the ``nn.Sequential`` in each module.
+
+    Call args:
+        x (torch.Tensor): ``[B, in]`` with ``shared`` or ``[E, B, in]``.
+        shared (bool): one input for all stacks.
+
+    Returns:
+        torch.Tensor: ``[E, B, out]``.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], path: str) -> None:
+        super().__init__()
+        layers: List[nn.Module] = []
+        self.sources: Sources = {}
+        for position, module in enumerate(modules[0].get_submodule(path)):
+            if isinstance(module, nn.Linear):
+                stacked = StackedLinear(
+                    modules, [(i, f"{path}.{position}") for i in range(len(modules))]
+                )
+                self.sources.update(_with_prefix(f"layers.{position}.", stacked.sources))
+                module = stacked
+            layers.append(module)
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
+        for module in self.layers:
+            if isinstance(module, StackedLinear):
+                x = module(x, shared=shared)
+                shared = False
+            else:
+                x = module(x)
+        return x
+
+
+class FusedMLPExperts(nn.Module):
+    """``E`` :class:`MLPExpert` of one shape. Call args: flat ``[B, F*D]``. Returns ``[E, B, H]``."""
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.mlp = StackedSequential(experts, "mlp.layers")
+        self.sources: Sources = _with_prefix("mlp.", self.mlp.sources)
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.mlp(flat, shared=True)
+
+
+class StackedGatedCross(nn.Module):
+    """Layer ``l`` of ``E`` GDCN experts: cross and gate kernels ``[E, 2N, N]``, bias ``[E, N]``."""
+
+    def __init__(self, experts: Sequence[nn.Module], layer: int) -> None:
+        super().__init__()
+        self.bias_init: str = experts[0].cross_layers[layer].bias_init
+        path = f"cross_layers.{layer}"
+        self.sources: Sources = {}
+        self.weight, self.sources["weight"] = _stack_param(
+            experts,
+            [
+                [(e, f"{path}.cross.weight"), (e, f"{path}.gate.weight")]
+                for e in range(len(experts))
+            ],
+        )
+        self.bias, self.sources["bias"] = _stack_param(
+            experts, [[(e, f"{path}.bias")] for e in range(len(experts))]
+        )
+
+    def reset_parameters(self) -> None:
+        rows = self.weight.shape[2]
+        for e in range(self.weight.shape[0]):
+            init_dense_weight(self.weight[e, :rows], "glorot_uniform")  # cross
+            init_dense_weight(self.weight[e, rows:], "glorot_uniform")  # gate
+        if self.bias_init == "uniform":
+            nn.init.uniform_(self.bias, 0.0, 1.0)
+        else:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, c0: torch.Tensor, c: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``c0 (W_c c + b) sigmoid(W_g c) + c``. Args: c0 ``[B, N]``; c ``[B, N]`` (``shared``)
+        or ``[E, B, N]``. Returns ``[E, B, N]``."""
+        cross, gate = batched_linear(c, self.weight, None, shared=shared).chunk(2, dim=-1)
+        return c0 * (cross + self.bias.unsqueeze(1)) * torch.sigmoid(gate) + c
+
+
+class FusedGDCNExperts(nn.Module):
+    """``E`` :class:`GDCNExpert` (``projection``): per layer the cross and gate kernels of all
+    experts in one GEMM. Call args: flat ``[B, N]``. Returns ``[E, B, H]``."""
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.cross_layers = nn.ModuleList(
+            StackedGatedCross(experts, layer) for layer in range(len(experts[0].cross_layers))
+        )
+        self.projection = StackedLinear(experts, [(e, "projection") for e in range(len(experts))])
+        self.sources: Sources = _with_prefix("projection.", self.projection.sources)
+        for layer, cross in enumerate(self.cross_layers):
+            self.sources.update(_with_prefix(f"cross_layers.{layer}.", cross.sources))
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        c = flat
+        for layer, cross in enumerate(self.cross_layers):
+            c = cross(flat, c, shared=layer == 0)
+        return self.projection(c, shared=False)
+
+
+class FusedMaskNetExperts(nn.Module):
+    """``E`` parallel :class:`MaskNetExpert`: the ``E x K`` mask blocks (they all read ``flat``)
+    as one GEMM / ``baddbmm`` per layer, then every expert's MLP.
+    Call args: flat ``[B, N]``. Returns ``[E, B, H]``."""
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.num_experts, self.num_blocks = len(experts), len(experts[0].blocks)
+        # Expert-major slots: [e0b0, e0b1, e1b0, ...].
+        blocks = [
+            (e, f"blocks.{k}") for e in range(self.num_experts) for k in range(self.num_blocks)
+        ]
+        self.aggregate = StackedLinear(experts, [(e, f"{b}.mask.aggregate") for e, b in blocks])
+        self.project = StackedLinear(experts, [(e, f"{b}.mask.project") for e, b in blocks])
+        self.hidden = StackedLinear(experts, [(e, f"{b}.hidden") for e, b in blocks])
+        norm: nn.LayerNorm = experts[0].blocks[0].norm
+        self.eps: float = norm.eps
+        self.sources: Sources = {}
+        self.norm_weight, self.sources["norm_weight"] = _stack_param(
+            experts, [[(e, f"{b}.norm.weight")] for e, b in blocks]
+        )
+        self.norm_bias, self.sources["norm_bias"] = _stack_param(
+            experts, [[(e, f"{b}.norm.bias")] for e, b in blocks]
+        )
+        self.mlp = StackedSequential(experts, "mlp.layers")
+        for name in ("aggregate", "project", "hidden", "mlp"):
+            self.sources.update(_with_prefix(f"{name}.", getattr(self, name).sources))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.norm_weight)
+        nn.init.zeros_(self.norm_bias)
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.aggregate(flat, shared=True))  # [EK, B, agg]
+        mask = self.project(hidden, shared=False)  # [EK, B, N]
+        h = self.hidden(flat * mask, shared=False)  # [EK, B, block]
+        h = nn.functional.layer_norm(h, h.shape[-1:], eps=self.eps)
+        h = torch.relu(h * self.norm_weight.unsqueeze(1) + self.norm_bias.unsqueeze(1))
+        h = (
+            h.view(self.num_experts, self.num_blocks, -1, h.shape[-1])
+            .permute(0, 2, 1, 3)
+            .flatten(2)
+        )  # [E, B, K*block]
+        return self.mlp(h, shared=False)
 
 
 def _masknet_fusable(experts: Sequence[nn.Module]) -> bool:
@@ -156,6 +321,7 @@ def _masknet_fusable(experts: Sequence[nn.Module]) -> bool:
     return (
         len({len(e.blocks) for e in experts}) == 1
         and _same_shapes(per_block)
+        and all(isinstance(layer, Dense) for layers in per_block for layer in layers)
         and len({b.norm.eps for e in experts for b in e.blocks}) == 1
         and all(
             b.norm.elementwise_affine and b.norm.bias is not None for e in experts for b in e.blocks
@@ -176,25 +342,64 @@ def _gdcn_fusable(experts: Sequence[nn.Module]) -> bool:
     return (
         len({len(e.cross_layers) for e in experts}) == 1
         and len({e.cross_layers[0].bias.shape for e in experts}) == 1
+        and len({layer.bias_init for e in experts for layer in e.cross_layers}) == 1
         and _same_shapes([[e.projection] for e in experts])
     )
 
 
-ExpertsForward = Callable[[Sequence[nn.Module], torch.Tensor], torch.Tensor]
-
-
-def fused_experts_forward(experts: Sequence[nn.Module]) -> Optional[ExpertsForward]:
-    """The batched forward of ``experts`` (``(experts, flat [B, F*D]) -> [E, B, H]``) when they
-    are of one fusable kind and shape; None otherwise (two or more are needed)."""
+def fuse_experts(experts: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """A module that owns the stacked parameters of ``experts`` (copied; ``meta`` stays
+    ``meta``) and computes them all (``flat [B, F*D] -> [E, B, H]``), when they are two or more
+    of one fusable kind and shape; None otherwise. Its ``sources`` map each of its parameters to
+    the experts' (see :func:`keep_module_keys`)."""
     if len(experts) < 2:
         return None
     if _mlp_fusable(experts):
-        return _mlp_forward
+        return FusedMLPExperts(experts)
     if _gdcn_fusable(experts):
-        return _gdcn_forward
+        return FusedGDCNExperts(experts)
     if _masknet_fusable(experts):
-        return _masknet_forward
+        return FusedMaskNetExperts(experts)
     return None
+
+
+def keep_module_keys(
+    owner: nn.Module, fused_path: str, fused: nn.Module, module_paths: Sequence[str]
+) -> None:
+    """``owner.state_dict()`` lists the fused parameters under the per-module keys they were
+    stacked from (views of the stacked tensors, so loading into them in place, as DCP does,
+    fills the stacked parameters), and ``owner.load_state_dict`` stacks per-module keys back.
+
+    Args:
+        owner (nn.Module): the module holding ``fused`` at ``fused_path``.
+        fused_path (str): path of ``fused`` in ``owner``.
+        fused (nn.Module): a module of :func:`fuse_experts` (its ``sources``).
+        module_paths (Sequence[str]): path in ``owner`` of module ``i`` of the sources.
+    """
+    sources: Sources = fused.sources
+
+    def keys(prefix: str, slot: List[Part]) -> List[str]:
+        return [f"{prefix}{module_paths[i]}.{path}" for i, path, _ in slot]
+
+    def to_module_keys(module: nn.Module, state_dict: Dict[str, Any], prefix: str, _meta) -> None:
+        for name, slots in sources.items():
+            stacked = state_dict.pop(f"{prefix}{fused_path}.{name}", None)
+            if stacked is None:
+                continue
+            for value, slot in zip(stacked, slots):
+                for key, piece in zip(keys(prefix, slot), value.split([r for *_, r in slot])):
+                    state_dict[key] = piece
+
+    def from_module_keys(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *_) -> None:
+        for name, slots in sources.items():
+            slot_keys = [keys(prefix, slot) for slot in slots]
+            if all(k in state_dict for ks in slot_keys for k in ks):
+                state_dict[f"{prefix}{fused_path}.{name}"] = torch.stack(
+                    [torch.cat([state_dict.pop(k) for k in ks]) for ks in slot_keys]
+                )
+
+    owner.register_state_dict_post_hook(to_module_keys)
+    owner.register_load_state_dict_pre_hook(from_module_keys)
 
 
 # -- towers and gates ---------------------------------------------------------------------------
