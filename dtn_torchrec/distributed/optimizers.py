@@ -184,6 +184,9 @@ def _dense_factory(cfg: DenseOptimizerConfig) -> functools.partial[torch.optim.O
             betas=cfg.betas,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
+            # One kernel per parameter (CPU and CUDA): ~4x faster than the per-op loop that is
+            # the CPU default, which took ~10% of DTN's reference-size step.
+            fused=True,
         )
     if cfg.name == "adagrad":
         return functools.partial(
