@@ -148,7 +148,13 @@ class MemoNetExpert(nn.Module):
         z = self.merge(codewords.view(-1, self.num_pairs, self.num_hash * self.codeword_dim))
         if self.shrink is not None:
             z = self.shrink(inputs.fields, z)
-        return self.projection(torch.cat([inputs.fields.flatten(1), z.flatten(1)], dim=1))
+        # Dense_H([e; z']) as two GEMMs over the column blocks of its kernel: no [B, F*D + V*d]
+        # concatenation (and, under bf16 autocast, no fp32 copy of the bf16 z' to cast back).
+        flat = inputs.fields.flatten(1)
+        weight = self.projection.weight
+        width = flat.shape[1]
+        out = nn.functional.linear(flat, weight[:, :width], self.projection.bias)
+        return out + nn.functional.linear(z.flatten(1), weight[:, width:])
 
 
 @EXPERTS.register("memonet")
