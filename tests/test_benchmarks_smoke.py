@@ -371,6 +371,47 @@ def test_mmoe_libraries_smoke_runs_dtn_train(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ab_step_smoke_interleaves_variants_in_one_rank(tmp_path: Path) -> None:
+    from benchmarks.ab_step import main as ab_step_main
+
+    out = tmp_path / "ab.json"
+    ab_step_main(
+        [
+            "--model",
+            "mmoe",
+            "--size",
+            "demo",
+            "--variant",
+            "base:",
+            "--variant",
+            "fp32:train.precision=fp32,train.pipeline=sparse_dist",
+            "--rows",
+            "2048",
+            "--batch-size",
+            "64",
+            "--warmup",
+            "1",
+            "--window-seconds",
+            "0.05",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+        ]
+    )
+    result = json.loads(out.read_text())
+    assert set(result["samples_per_s"]) == {"base", "fp32"}
+    assert all(len(w) == 2 and min(w) > 0 for w in result["samples_per_s"].values())
+    assert result["ratios"]["base"] == [1.0, 1.0]
+    fp32 = [f / b for f, b in zip(result["samples_per_s"]["fp32"], result["samples_per_s"]["base"])]
+    assert result["ratios"]["fp32"] == pytest.approx(fp32)
+
+
+@pytest.mark.slow
 def test_dense_step_smoke_times_every_variant(tmp_path: Path) -> None:
     from benchmarks.dense_step import main as dense_step_main
 
