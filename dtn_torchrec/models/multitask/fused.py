@@ -301,7 +301,9 @@ class FusedMaskNetExperts(nn.Module):
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.aggregate(flat, shared=True))  # [EK, B, agg]
         mask = self.project(hidden, shared=False)  # [EK, B, N]
-        h = self.hidden(flat * mask, shared=False)  # [EK, B, block]
+        # In the mask's dtype (bf16 under autocast): the product feeds a GEMM that would cast
+        # an fp32 [EK, B, N] product back to bf16 anyway.
+        h = self.hidden(flat.to(mask.dtype) * mask, shared=False)  # [EK, B, block]
         h = nn.functional.layer_norm(h, h.shape[-1:], eps=self.eps)
         h = torch.relu(h * self.norm_weight.unsqueeze(1) + self.norm_bias.unsqueeze(1))
         h = (
