@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchrec.modules import embedding_configs
 from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.dataclass_config import check_at_least, check_one_of
 from dtn_torchrec.models.experts.config import EXPERTS, ExpertConfig
@@ -29,6 +30,13 @@ CODEBOOK_INIT_STD = 0.01
 def codebook_table_name(expert_name: str) -> str:
     """Table name of an expert's codebook (unique per expert so every codebook is its own table)."""
     return f"memonet_codebook_{expert_name}"
+
+
+@torch.compiler.disable
+def _lookup(codebook: nn.Module, pair_ids: KeyedJaggedTensor) -> torch.Tensor:
+    """Codewords ``[B*P*K, d]`` of the pair ids. Never compiled (``train.compile``): under
+    DMP the codebook is a sharded module whose pipelined forward dynamo cannot trace."""
+    return codebook(pair_ids)[MEMONET_PAIRS_KEY].values()
 
 
 class GlobalAttentiveShrink(nn.Module):
@@ -143,7 +151,7 @@ class MemoNetExpert(nn.Module):
             raise ValueError(
                 "MemoNetExpert needs ExpertInputs.pair_ids; build SparseArch with pair_hash"
             )
-        codewords = self.codebook(inputs.pair_ids)[MEMONET_PAIRS_KEY].values()  # [B*P*K, d]
+        codewords = _lookup(self.codebook, inputs.pair_ids)  # [B*P*K, d]
         # Ids are ordered [row][pair][hash], so this is the concat over hashes [z_1; ...; z_K].
         z = self.merge(codewords.view(-1, self.num_pairs, self.num_hash * self.codeword_dim))
         if self.shrink is not None:
