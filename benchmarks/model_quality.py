@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -128,20 +127,13 @@ def run_logged(
 ) -> Dict[str, Any]:
     """Runs ``command`` with its output in ``log``; returns its wall seconds and the CPU other
     processes took meanwhile (cores). Exits naming the log when the command fails."""
-    monitor = OtherCpuMonitor()
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    monitor = OtherCpuMonitor()  # counts the finished command's CPU as ours (children_* times)
     monitor.start()
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     seconds = time.perf_counter() - start
-    # The monitor counts only live descendants as ours; the finished command's CPU is in
-    # RUSAGE_CHILDREN (the command waits for its own children).
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child_cpu = (
-        children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
-    )
-    other_cores = max(0.0, monitor.stop() - child_cpu / max(seconds, 1e-9))
+    other_cores = monitor.stop()
     if proc.returncode != 0:
         module = command[command.index("-m") + 1]
         raise SystemExit(f"{module} exited {proc.returncode}; see {log}")

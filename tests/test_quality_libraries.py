@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,23 @@ def test_ordering_checks_compare_means_with_the_margin() -> None:
         "mmoe > mlp (click)": True,
         "mmoe > mlp (conversion)": False,
     }
+
+
+def test_run_logged_reports_the_monitors_other_cpu_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OtherCpuMonitor already counts a finished child's CPU as ours (children_* times):
+    # run_logged must not subtract it a second time.
+    import benchmarks.model_quality as model_quality
+
+    class FixedMonitor:
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> float:
+            return 0.5
+
+    monkeypatch.setattr(model_quality, "OtherCpuMonitor", FixedMonitor)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    record = model_quality.run_logged([sys.executable, "-c", burn], tmp_path / "burn.log")
+    assert record["other_cpu_cores"] == 0.5
