@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 
 demo_dir="${DEMO_DIR:-runs/demo}"
-train_rows="${DEMO_TRAIN_ROWS:-100000}"
+train_rows="${DEMO_TRAIN_ROWS:-400000}"
 test_rows="${DEMO_TEST_ROWS:-20000}"
 seed="${DEMO_SEED:-7}"
 job="${DEMO_JOB:-1x2}"
