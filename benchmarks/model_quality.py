@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -341,6 +341,50 @@ def table(result: Dict[str, Any]) -> str:
     return format_table(header, rows)
 
 
+def add_run_arguments(
+    p: argparse.ArgumentParser, epochs: int, configs: Sequence[Path] = tuple(DEFAULT_CONFIGS)
+) -> None:
+    """The ``dtn-train`` run flags every quality benchmark shares (configs, epochs, ranks...)."""
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        type=Path,
+        default=list(configs),
+        help="the first is the model the others are compared with",
+    )
+    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    p.add_argument(
+        "--override", nargs="*", default=[], help="more dotted overrides for every dtn-train run"
+    )
+    p.add_argument(
+        "--gemm-window-seconds", type=float, default=2.0, help="each GEMM peak window (3 per dtype)"
+    )
+    p.add_argument(
+        "--reuse", action="store_true", help="keep the data and finished runs already in --workdir"
+    )
+
+
+def checked_configs(p: argparse.ArgumentParser, args: argparse.Namespace) -> List[Path]:
+    """The configs to train (``--configs`` then ``--baseline``); exits on bad run flags."""
+    if args.epochs < 1 or args.nproc < 1:
+        p.error("--epochs and --nproc must be >= 1")
+    configs = [*args.configs, args.baseline]
+    names = [c.stem for c in configs]
+    if len(set(names)) != len(names):
+        p.error(f"config file names must differ (run directories are named by them): {names}")
+    return configs
+
+
+def measure_conditions(gemm_window_seconds: float) -> Tuple[float, Dict[str, Any]]:
+    """Other processes' CPU before the runs and the 1-thread GEMM peaks (each rank's threads)."""
+    idle_probe = probe_idle(1.0)
+    torch.set_num_threads(1)  # what each rank runs with (OMP_NUM_THREADS=1)
+    peaks = measure_gemm_peaks(1024, gemm_window_seconds)
+    return idle_probe, {d: peak.record() for d, peak in peaks.items()}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -362,27 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=parse_seeds,
         help=f"structure seeds to tune configs on (>= {TUNE_SEED_MIN}), e.g. 100-104",
     )
-    p.add_argument(
-        "--configs",
-        nargs="+",
-        type=Path,
-        default=DEFAULT_CONFIGS,
-        help="the first is the model the others are compared with",
-    )
-    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    add_run_arguments(p, epochs=3)
     p.add_argument("--train-rows", type=int, default=SynthSettings.train_rows)
     p.add_argument("--test-rows", type=int, default=SynthSettings.test_rows)
-    p.add_argument(
-        "--override", nargs="*", default=[], help="more dotted overrides for every dtn-train run"
-    )
-    p.add_argument(
-        "--gemm-window-seconds", type=float, default=2.0, help="each GEMM peak window (3 per dtype)"
-    )
-    p.add_argument(
-        "--reuse", action="store_true", help="keep the data and finished runs already in --workdir"
-    )
     p.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "model_quality.json"
     )
@@ -390,18 +416,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     purpose = "report" if args.seeds_report is not None else "tune"
     structure_seeds = args.seeds_report if purpose == "report" else args.seeds_tune
     check_seed_purpose(structure_seeds, purpose)
-    if args.epochs < 1 or args.nproc < 1:
-        p.error("--epochs and --nproc must be >= 1")
+    configs = checked_configs(p, args)
     synth = SynthSettings(train_rows=args.train_rows, test_rows=args.test_rows)
-    configs = [*args.configs, args.baseline]
-    names = [c.stem for c in configs]
-    if len(set(names)) != len(names):
-        p.error(f"config file names must differ (run directories are named by them): {names}")
-
-    idle_probe = probe_idle(1.0)
-    torch.set_num_threads(1)  # what each rank runs with (OMP_NUM_THREADS=1)
-    peaks = measure_gemm_peaks(1024, args.gemm_window_seconds)
-    gemm = {d: peak.record() for d, peak in peaks.items()}
+    idle_probe, gemm = measure_conditions(args.gemm_window_seconds)
 
     structures, runs = [], []
     for seed in structure_seeds:

@@ -39,16 +39,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 import yaml
 
 from benchmarks.common import contention_mark, machine_info
-from benchmarks.conditions import measure_gemm_peaks, probe_idle
 from benchmarks.model_quality import (
-    DEFAULT_BASELINE,
     REPO,
     TEST_SPLIT,
+    add_run_arguments,
+    checked_configs,
     mean_std,
+    measure_conditions,
     parse_seeds,
     summarise,
     table,
@@ -150,46 +150,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="datasets, run directories and logs, one folder per seed",
     )
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="data seeds, e.g. 0-2")
-    p.add_argument(
-        "--configs",
-        nargs="+",
-        type=Path,
-        default=DEFAULT_CONFIGS,
-        help="the first is the model the others are compared with",
-    )
-    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    add_run_arguments(p, epochs=1, configs=DEFAULT_CONFIGS)
     p.add_argument("--train-rows", type=int, default=200_000, help="before the valid carve")
     p.add_argument("--test-rows", type=int, default=50_000)
     p.add_argument("--largest-vocab", type=int, default=LARGEST_VOCAB)
     p.add_argument(
-        "--override", nargs="*", default=[], help="more dotted overrides for every dtn-train run"
-    )
-    p.add_argument(
-        "--gemm-window-seconds", type=float, default=2.0, help="each GEMM peak window (3 per dtype)"
-    )
-    p.add_argument(
-        "--reuse", action="store_true", help="keep the data and finished runs already in --workdir"
-    )
-    p.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "quality_libraries.json"
     )
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.nproc < 1:
-        p.error("--epochs and --nproc must be >= 1")
-    configs = [*args.configs, args.baseline]
-    names = [c.stem for c in configs]
-    if len(set(names)) != len(names):
-        p.error(f"config file names must differ (run directories are named by them): {names}")
+    configs = checked_configs(p, args)
     fields = log_spaced_fields(NUM_FIELDS, SMALLEST_VOCAB, args.largest_vocab, 1)
     field_names = [f.name for f in fields]
     overrides = {c.stem: [*args.override, *memonet_overrides(c, field_names)] for c in configs}
 
-    idle_probe = probe_idle(1.0)
-    torch.set_num_threads(1)  # what each rank runs with (OMP_NUM_THREADS=1)
-    peaks = measure_gemm_peaks(1024, args.gemm_window_seconds)
-    gemm = {d: peak.record() for d, peak in peaks.items()}
+    idle_probe, gemm = measure_conditions(args.gemm_window_seconds)
 
     rows = {"train": args.train_rows, TEST_SPLIT: args.test_rows}
     structures, runs = [], []
