@@ -199,7 +199,7 @@ def test_gate_usage_is_the_mean_of_each_gates_softmax() -> None:
     dtn = model.dense_arch
     with torch.no_grad():
         inputs = model.sparse_arch(features)
-        groups = {g: dtn.groups[g](inputs) for g in ("click", "conversion", "shared")}
+        groups = dtn._group_outputs(inputs)  # group -> [B, K, H], fused positions included
         p_click = torch.sigmoid(dtn(inputs)[:, 0]).view(-1, 1, 1)  # TSN: conversion sees click x p
         expected = {
             ("click", "own"): dtn.own_gates["click"](groups["click"]),
