@@ -22,12 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.common import TrainRun, WindowSpec, format_table, run_ranks
 from benchmarks.ours import ours_step
-from benchmarks.profile_step import CONFIG_SUFFIX
-from benchmarks.synthetic import aliccp_like_fields, cached_dataset
+from benchmarks.profile_step import CONFIG_SUFFIX, step_inputs
 from dtn_torchrec.atomic_files import write_json_atomic
-from dtn_torchrec.train.config import load_run_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_variant(text: str) -> Tuple[str, Tuple[str, ...]]:
@@ -85,16 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", help="write the windows and ratios as JSON here")
     args = p.parse_args(argv)
 
-    config = os.path.join(REPO, "configs", f"{args.model}_{CONFIG_SUFFIX[args.size]}.yaml")
-    batch = args.batch_size or load_run_config(config).data.batch_size
-    data = cached_dataset(
-        args.data,
-        f"aliccp-like-{args.size}",
-        aliccp_like_fields(args.id_scale, args.history_scale),
-        args.rows,
-        seed=0,
-        ids="zipf",
-    )
+    config, batch, data = step_inputs(args, [])
     timing = WindowSpec(args.warmup, args.window_seconds, args.rounds)
     runs = {
         name: TrainRun(

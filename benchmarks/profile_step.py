@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,6 +42,22 @@ GROUPS = (
         ("aten::_foreach", "Optimizer", "aten::_fused_adam", "aten::addcdiv", "aten::lerp"),
     ),
 )
+
+
+def step_inputs(args: argparse.Namespace, overrides: Sequence[str]) -> Tuple[str, int, Path]:
+    """The shipped config of ``args.model`` at ``args.size``, its batch size (or
+    ``--batch-size``) and the cached Ali-CCP-like dataset: ``(config, batch, data dir)``."""
+    config = os.path.join(REPO, "configs", f"{args.model}_{CONFIG_SUFFIX[args.size]}.yaml")
+    batch = args.batch_size or load_run_config(config, overrides).data.batch_size
+    data = cached_dataset(
+        args.data,
+        f"aliccp-like-{args.size}",
+        aliccp_like_fields(args.id_scale, args.history_scale),
+        args.rows,
+        seed=0,
+        ids="zipf",
+    )
+    return config, batch, data
 
 
 def operator_group(name: str) -> str:
@@ -110,16 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = p.parse_args(argv)
 
-    config = os.path.join(REPO, "configs", f"{args.model}_{CONFIG_SUFFIX[args.size]}.yaml")
-    batch = args.batch_size or load_run_config(config, args.overrides).data.batch_size
-    data = cached_dataset(
-        args.data,
-        f"aliccp-like-{args.size}",
-        aliccp_like_fields(args.id_scale, args.history_scale),
-        args.rows,
-        seed=0,
-        ids="zipf",
-    )
+    config, batch, data = step_inputs(args, args.overrides)
     run = TrainRun(
         config=config,
         overrides=tuple(args.overrides),
