@@ -13,6 +13,7 @@ from dtn_torchrec.cli.prepare import main as prepare_main
 from dtn_torchrec.data import prepare as prepare_module
 from dtn_torchrec.data.prepare import PrepareOptions, prepare_dataset
 from dtn_torchrec.data.prepare_lines import PrepareError
+from dtn_torchrec.data.schema import ALICCP_FIELDS
 
 
 def feat(field: str, fid: object, value: object = 1.0) -> str:
@@ -224,36 +225,7 @@ def test_skip_bad_every_line_bad_is_an_empty_split_error(tmp_path: Path) -> None
     assert_nothing_written(tmp_path, tmp_path / "ds")
 
 
-FDN_GOOD = "7,1,0," + ",".join(
-    f"{f}:{i + 1}"
-    for i, f in enumerate(
-        [
-            "101",
-            "109_14",
-            "110_14",
-            "127_14",
-            "150_14",
-            "121",
-            "122",
-            "124",
-            "125",
-            "126",
-            "127",
-            "128",
-            "129",
-            "205",
-            "206",
-            "207",
-            "210",
-            "216",
-            "508",
-            "509",
-            "702",
-            "853",
-            "301",
-        ]
-    )
-)
+FDN_GOOD = "7,1,0," + ",".join(f"{f}:{i + 1}" for i, f in enumerate(ALICCP_FIELDS))
 
 
 @pytest.mark.parametrize(
