@@ -54,13 +54,15 @@ ARCHITECTURE_FIELDS: Dict[str, List[str]] = {
 }
 # `dtn-model-stats --config configs/*.yaml --json` before the per-kind configs (Ali-CCP
 # reference table sizes): (embedding, dense) parameters. The YAMLs must keep their meaning.
+# MMoE/PLE demo experts went 64 -> 128 wide (input 23 fields x 16): + (368 + 64) * 64 + 64 per
+# first-level expert (4 MMoE, 5 PLE) and + (64 + 64) * 64 + 64 per second-level PLE expert (5).
 PARAMETERS_BEFORE: Dict[str, tuple] = {
     "dtn_aliccp": (192030144, 41131924),
     "dtn_demo": (43447536, 2584180),
     "mmoe_aliccp": (43207536, 1371122),
-    "mmoe_demo": (43207536, 127338),
+    "mmoe_demo": (43207536, 127338 + 4 * 27712),
     "ple_aliccp": (43207536, 2427102),
-    "ple_demo": (43207536, 198211),
+    "ple_demo": (43207536, 198211 + 5 * 27712 + 5 * 8256),
     "shared_bottom_aliccp": (43207536, 403426),
     "shared_bottom_demo": (43207536, 68770),
 }
