@@ -44,14 +44,18 @@ def batched_linear(
 
     Args: x ``[B, in]`` with ``shared`` (one input for all ``E``: one GEMM against the
     concatenated weights) or ``[E, B, in]`` (map ``e`` on ``x[e]``: one ``baddbmm``). Returns
-    ``[E, B, out]``. (``shared`` is a flag, not ``x.dim()``: the train pipeline fx-traces the
-    model, and traced values cannot steer control flow.)
+    ``[E, B, out]``, stored as ``[E, out, B]`` by both paths. (``shared`` is a flag, not
+    ``x.dim()``: the train pipeline fx-traces the model, and traced values cannot steer control
+    flow.)
     """
     num, out = weight.shape[0], weight.shape[1]
     if shared:
-        flat_bias = bias.reshape(num * out) if bias is not None else None
-        y = nn.functional.linear(x, weight.reshape(num * out, -1), flat_bias)  # [B, E*out]
-        return y.view(-1, num, out).transpose(0, 1)
+        # y^T = W x^T as below, so both paths store [E, out, B]: the next stacked layer then
+        # reads it without a copy, and an activation's backward sees its gradient in its own
+        # layout (mixed layouts cost a strided copy or a slow elementwise loop each).
+        w = weight.reshape(num * out, -1)
+        y_t = torch.mm(w, x.t()) if bias is None else torch.addmm(bias.view(-1, 1), w, x.t())
+        return y_t.view(num, out, -1).transpose(1, 2)
     # y^T = W x^T: the weight gradient (dy^T x) then comes out in the weights' own layout, so
     # DDP's gradient buckets take it without a strided copy.
     x_t = x.transpose(1, 2)  # [E, in, B]
