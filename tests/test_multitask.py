@@ -28,7 +28,7 @@ from dtn_torchrec.models.multitask import (
     SharedBottomConfig,
     TowerConfig,
 )
-from dtn_torchrec.models.multitask.gates import ExpertOutputGate, InputGate
+from dtn_torchrec.models.multitask.gates import ExpertOutputGate, InputGate, task_mixtures
 from dtn_torchrec.models.multitask.towers import Tower
 from dtn_torchrec.models.task_graph import dependency_order
 from dtn_torchrec.models.types import ExpertInputs
@@ -125,6 +125,32 @@ def test_expert_output_gate_is_per_expert_scalar_relu_softmax() -> None:
         [torch.relu(experts[:, k] @ gate.weight[k] + gate.bias[k]) for k in range(3)], dim=1
     )
     torch.testing.assert_close(gate(experts), softmax_rows(scalars))
+
+
+@pytest.mark.parametrize("fused_layout", [True, False])
+def test_task_mixtures_match_the_per_task_weighted_sums(fused_layout: bool) -> None:
+    num_experts, tasks, hidden = 3, 2, 5
+    stored = (
+        torch.randn(num_experts, hidden, B) if fused_layout else torch.randn(num_experts, B, hidden)
+    )
+    experts = (stored.transpose(1, 2) if fused_layout else stored).requires_grad_()
+    weights = softmax_rows(torch.randn(tasks * B, num_experts)).view(tasks, B, num_experts)
+    weights.requires_grad_()
+    out = task_mixtures(experts, weights, num_experts)
+    expected = torch.stack(
+        [
+            sum(weights[t, :, k : k + 1] * experts[k] for k in range(num_experts))
+            for t in range(tasks)
+        ]
+    )
+    torch.testing.assert_close(out, expected)
+    if fused_layout:  # kept for the towers' batched GEMMs
+        assert out.stride() == (hidden * B, 1, B)
+    grad = torch.randn(tasks, B, hidden)
+    got = torch.autograd.grad(out, (experts, weights), grad)
+    want = torch.autograd.grad(expected, (experts, weights), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 # ---------------------------------------------------------------------------------------------

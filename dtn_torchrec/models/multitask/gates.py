@@ -116,3 +116,26 @@ class ExpertOutputGate(nn.Module):
 def weighted_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Fuse stacked expert outputs ``[B, K, H]`` with weights ``[B, K]`` into ``[B, H]``."""
     return torch.einsum("bkh,bk->bh", experts, weights)
+
+
+def task_mixtures(experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Every task's gated sum of shared experts: ``out[t] = sum_k weights[t, :, k] * experts[k]``.
+
+    Args:
+        experts (torch.Tensor): ``[K, B, H]``, fastest stored as ``[K, H, B]`` (the fused
+            experts' layout, which the result keeps for the towers' batched GEMMs).
+        weights (torch.Tensor): ``[T, B, K]`` gate weights.
+        num_experts (int): ``K`` (a Python int: the train pipeline fx-traces the model).
+
+    Returns:
+        torch.Tensor: ``[T, B, H]`` in the promoted dtype of the two (fp32 weights keep the
+        sum in fp32 under bf16 autocast).
+    """
+    # K multiply-adds over [T, H, B] rather than an einsum: that is a batched GEMM over B of
+    # [T, K] x [K, H] products, with permuting copies of the experts forward and backward.
+    per_expert = weights.transpose(1, 2).contiguous().unsqueeze(2).unbind(1)  # K x [T, 1, B]
+    stored = experts.transpose(1, 2).unbind(0)  # K x [H, B]
+    mixed = per_expert[0] * stored[0]
+    for k in range(1, num_experts):
+        mixed = torch.addcmul(mixed, per_expert[k], stored[k])
+    return mixed.transpose(1, 2)

@@ -18,7 +18,7 @@ from dtn_torchrec.models.multitask.config import (
 )
 from dtn_torchrec.models.multitask.expert_group import ExpertFactory, ExpertGroup, check_task_names
 from dtn_torchrec.models.multitask.fused import fused_input_gates, fused_towers, towers_fusable
-from dtn_torchrec.models.multitask.gates import InputGate, weighted_sum
+from dtn_torchrec.models.multitask.gates import InputGate, task_mixtures, weighted_sum
 from dtn_torchrec.models.multitask.towers import build_towers
 from dtn_torchrec.models.types import ExpertInputs
 
@@ -88,7 +88,9 @@ class MMoE(nn.Module):
                     2
                 )  # [T, B, K*H]
             else:
-                task_inputs = torch.einsum("bkh,tbk->tbh", experts, weights)  # [T, B, H]
+                task_inputs = task_mixtures(
+                    experts.transpose(0, 1), weights, len(self.experts)
+                )  # [T, B, H]
             return fused_towers([self.towers[t] for t in self._tasks], task_inputs)
         logits: List[torch.Tensor] = []
         for task in self._tasks:
