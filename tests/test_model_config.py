@@ -43,7 +43,15 @@ EXPERT_FIELDS: Dict[str, List[str]] = {
         "emb_layernorm",
         "dropout",
     ],
-    "memonet": ["output_dim", "fields", "num_buckets", "num_hash", "codeword_dim", "shrink"],
+    "memonet": [
+        "output_dim",
+        "fields",
+        "num_buckets",
+        "num_hash",
+        "codeword_dim",
+        "shrink",
+        "dedup_ids",
+    ],
     "dcn": ["output_dim", "num_cross_layers", "low_rank"],
 }
 ARCHITECTURE_FIELDS: Dict[str, List[str]] = {

@@ -7,6 +7,7 @@ stage, so the codebooks' input all-to-all overlaps the previous step like the fi
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import List
 
 import pytest
@@ -22,6 +23,7 @@ from torchrec.distributed.types import ShardedModule
 
 from dtn_torchrec.distributed.config import DenseOptimizerConfig
 from dtn_torchrec.distributed.optimizers import build_dense_optimizer
+from dtn_torchrec.models.experts.memonet import MemoNetExpert, PairIdDedup
 from dtn_torchrec.models.pair_hash import PairHasher
 
 
@@ -53,8 +55,10 @@ def test_dtn_with_memonet_has_no_unpipelined_module(
     codebooks = [m for m in sharded if type(m).__name__ == "ShardedEmbeddingCollection"]
     assert len(codebooks) >= 1  # the MemoNet codebooks are sharded modules too
     assert {id(m) for m in pipeline._pipelined_modules} == {id(m) for m in sharded}
-    hashers = [p._postproc_module for p in pipeline._pipelined_postprocs]
-    assert len(hashers) == 1 and isinstance(hashers[0], PairHasher)
+    postprocs = [type(p._postproc_module) for p in pipeline._pipelined_postprocs]
+    # the pair hashing, then each MemoNet expert's distinct ids (dedup_ids) of its output
+    memonets = [m for m in model.modules() if isinstance(m, MemoNetExpert)]
+    assert Counter(postprocs) == {PairHasher: 1, PairIdDedup: len(memonets)} and memonets
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -37,6 +37,98 @@ def _lookup(codebook: nn.Module, pair_ids: KeyedJaggedTensor) -> torch.Tensor:
     """Codewords ``[B*P*K, d]`` of the pair ids. Never compiled (``train.compile``): under
     DMP the codebook is a sharded module whose pipelined forward dynamo cannot trace."""
     return codebook(pair_ids)[MEMONET_PAIRS_KEY].values()
+
+
+class DistinctIds(NamedTuple):
+    """The distinct ids of a pair-id batch: ``ids`` (the same key and stride, the ``U`` distinct
+    ids ascending, all in row 0) and ``inverse`` ``[N]``, the position in ``ids`` of each of
+    the batch's ``N`` ids."""
+
+    ids: KeyedJaggedTensor
+    inverse: torch.Tensor
+
+
+@torch.fx.wrap  # one node in fx traces: a data-dependent output size
+def distinct_ids(pair_ids: KeyedJaggedTensor, num_buckets: int) -> DistinctIds:
+    """The distinct ids of ``pair_ids`` (one key, ids in ``[0, num_buckets)``) and the inverse.
+
+    A ``[num_buckets]`` presence mask replaces a sort. On CUDA the number of distinct ids (an
+    output size) syncs the host.
+    """
+    values = pair_ids.values()
+    present = torch.zeros(num_buckets, dtype=torch.bool, device=values.device)
+    present[values] = True
+    distinct = present.nonzero().squeeze(1)  # [U], ascending
+    inverse = (torch.cumsum(present, 0) - 1)[values]  # [N]
+    num_distinct = distinct.numel()
+    lengths = torch.zeros(pair_ids.stride(), dtype=torch.int32, device=values.device)
+    lengths[0] = num_distinct
+    ids = KeyedJaggedTensor(
+        keys=pair_ids.keys(),
+        values=distinct,
+        lengths=lengths,
+        stride=pair_ids.stride(),
+        length_per_key=[num_distinct],
+        offset_per_key=[0, num_distinct],
+    )
+    return DistinctIds(ids, inverse)
+
+
+class PairIdDedup(nn.Module):
+    """The distinct pair ids of a batch (:func:`distinct_ids`), so that the codebook looks
+    each row up once.
+
+    FBGEMM's CPU backward of a sequence (unpooled) table costs per id and per distinct row;
+    looking up only the distinct ids moves the summation of repeated ids' gradients (which the
+    row-wise Adagrad step sums anyway) into one ``index_add_``. The train pipeline
+    (``pipeline_postproc=True``) runs this parameter-free module in its data-dist stage, before
+    the codebook's input dist.
+
+    Args:
+        num_buckets (int): codebook rows.
+
+    Call args:
+        pair_ids (KeyedJaggedTensor): ``N`` ids of one key.
+
+    Returns:
+        DistinctIds: the distinct ids (a KJT of the same key and stride) and the inverse.
+    """
+
+    def __init__(self, num_buckets: int) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+
+    @torch.compiler.disable  # data-dependent output size
+    def forward(self, pair_ids: KeyedJaggedTensor) -> DistinctIds:
+        return distinct_ids(pair_ids, self.num_buckets)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``rows[index]`` in ``dtype``; backward sums the gradients of repeated indices in fp32."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_rows = rows.shape[0]
+        return rows.to(dtype).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        rows_grad = grad.new_zeros((ctx.num_rows, grad.shape[1]), dtype=torch.float32)
+        return rows_grad.index_add_(0, index, grad.float()), None, None
+
+
+@torch.fx.wrap  # one node for the train pipeline's fx trace (it reads the autocast state)
+def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``[U, d]`` (fp32) -> ``rows[index]`` ``[N, d]``, in the autocast dtype when autocast
+    is on (the merge GEMM's input dtype: the cast is done on ``U`` rows, not ``N``); the
+    gradient of ``rows`` sums in fp32."""
+    if torch.jit.is_scripting():  # the export (inference): no autograd Function, no autocast
+        return rows.index_select(0, index)
+    device = rows.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+    return _GatherRows.apply(rows, index, dtype)
 
 
 class GlobalAttentiveShrink(nn.Module):
@@ -91,6 +183,7 @@ class MemoNetExpert(nn.Module):
         codeword_dim (int): ``d``.
         output_dim (int): ``H``.
         shrink (str): ``"none"`` or ``"gas"``.
+        dedup_ids (bool): look up each batch's distinct ids once (:class:`PairIdDedup`).
         name (str): expert name; the codebook table is ``memonet_codebook_<name>``.
         device (Optional[torch.device]): where the parameters live (meta for DMP).
     """
@@ -105,6 +198,7 @@ class MemoNetExpert(nn.Module):
         codeword_dim: int,
         output_dim: int,
         shrink: str = "none",
+        dedup_ids: bool = True,
         *,
         name: str,
         device: Optional[torch.device] = None,
@@ -127,6 +221,7 @@ class MemoNetExpert(nn.Module):
             ],
             device=device,
         )
+        self.dedup: Optional[PairIdDedup] = PairIdDedup(num_buckets) if dedup_ids else None
         self.merge = Dense(
             num_hash * codeword_dim, codeword_dim, bias=False, init="glorot_uniform", device=device
         )
@@ -151,7 +246,11 @@ class MemoNetExpert(nn.Module):
             raise ValueError(
                 "MemoNetExpert needs ExpertInputs.pair_ids; build SparseArch with pair_hash"
             )
-        codewords = _lookup(self.codebook, inputs.pair_ids)  # [B*P*K, d]
+        if self.dedup is not None:
+            distinct = self.dedup(inputs.pair_ids)
+            codewords = gather_rows(_lookup(self.codebook, distinct.ids), distinct.inverse)
+        else:
+            codewords = _lookup(self.codebook, inputs.pair_ids)  # [B*P*K, d]
         # Ids are ordered [row][pair][hash], so this is the concat over hashes [z_1; ...; z_K].
         z = self.merge(codewords.view(-1, self.num_pairs, self.num_hash * self.codeword_dim))
         if self.shrink is not None:
@@ -183,6 +282,10 @@ class MemoNetConfig(ExpertConfig):
         codeword_dim (Optional[int]): codeword width; None = the embedding dim.
         shrink (str): ``none`` (reference: keep all pair vectors) or ``gas`` (global attentive
             shrinking to one vector per crossed field).
+        dedup_ids (bool): look up each batch's distinct pair ids once and gather them back
+            (same result; the codebook's row-wise Adagrad sums duplicate ids' gradients either
+            way). On CUDA it syncs the host once per step (the number of distinct ids).
+            Default: true.
     """
 
     fields: Optional[List[str]] = None
@@ -190,6 +293,7 @@ class MemoNetConfig(ExpertConfig):
     num_hash: int = 2
     codeword_dim: Optional[int] = None
     shrink: str = "none"
+    dedup_ids: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -234,6 +338,7 @@ class MemoNetConfig(ExpertConfig):
             codeword_dim=self.codeword_dim or embedding_dim,
             output_dim=self.output_dim,
             shrink=self.shrink,
+            dedup_ids=self.dedup_ids,
             name=name,
             device=device,
         )
