@@ -242,11 +242,24 @@ class StackedGatedCross(nn.Module):
         else:
             nn.init.zeros_(self.bias)
 
-    def forward(self, c0: torch.Tensor, c: torch.Tensor, shared: bool) -> torch.Tensor:
-        """``c0 (W_c c + b) sigmoid(W_g c) + c``. Args: c0 ``[B, N]``; c ``[B, N]`` (``shared``)
-        or ``[E, B, N]``. Returns ``[E, B, N]``."""
-        cross, gate = batched_linear(c, self.weight, None, shared=shared).chunk(2, dim=-1)
-        return c0 * (cross + self.bias.unsqueeze(1)) * torch.sigmoid(gate) + c
+    def forward(self, c0_t: torch.Tensor, c_t: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``c0 (W_c c + b) sigmoid(W_g c) + c``, batch last (``c^T``, the layout the GEMM
+        ``W c^T`` writes), in the GEMM's dtype (bf16 under autocast).
+
+        Args: c0_t ``[N, B]``; c_t ``[N, B]`` (``shared``: the first layer, ``c = c0``) or
+        ``[E, N, B]``. Returns ``[E, N, B]``.
+        """
+        num, rows = self.weight.shape[0], self.weight.shape[1]
+        if shared:
+            y = torch.mm(self.weight.view(num * rows, -1), c_t).view(num, rows, -1)
+        else:
+            y = torch.bmm(self.weight, c_t)  # [E, 2N, B]
+        cross, gate = y[:, : rows // 2], y[:, rows // 2 :]
+        # One dtype and one layout for the whole chain: no fp32 [E, N, B] temporaries (an fp32
+        # bias would promote them) and no casts back to bf16 for the next GEMM.
+        c0 = c0_t.to(y.dtype)
+        gated = c0 * (cross + self.bias.to(y.dtype).unsqueeze(-1))
+        return torch.addcmul(c0 if shared else c_t, gated, torch.sigmoid(gate))
 
 
 class FusedGDCNExperts(nn.Module):
@@ -264,10 +277,11 @@ class FusedGDCNExperts(nn.Module):
             self.sources.update(_with_prefix(f"cross_layers.{layer}.", cross.sources))
 
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
-        c = flat
+        flat_t = flat.t().contiguous()  # [N, B]: the layers run batch last
+        c_t = flat_t
         for layer, cross in enumerate(self.cross_layers):
-            c = cross(flat, c, shared=layer == 0)
-        return self.projection(c, shared=False)
+            c_t = cross(flat_t, c_t, shared=layer == 0)
+        return self.projection(c_t.transpose(1, 2), shared=False)  # reads [E, N, B] as is
 
 
 class FusedMaskNetExperts(nn.Module):
