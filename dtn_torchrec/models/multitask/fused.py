@@ -318,10 +318,12 @@ class FusedMaskNetExperts(nn.Module):
 
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.aggregate(flat, shared=True))  # [EK, B, agg]
-        mask = self.project(hidden, shared=False)  # [EK, B, N]
-        # In the mask's dtype (bf16 under autocast): the product feeds a GEMM that would cast
-        # an fp32 [EK, B, N] product back to bf16 anyway.
-        h = self.hidden(flat.to(mask.dtype) * mask, shared=False)  # [EK, B, block]
+        mask_t = self.project(hidden, shared=False).transpose(1, 2)  # [EK, N, B], as stored
+        # The masked input batch last like the mask (one layout: a product of [B, N] and
+        # [N, B]-major operands runs a strided loop) and in its dtype (bf16 under autocast:
+        # the product feeds a GEMM that would cast an fp32 product back to bf16 anyway).
+        flat_t = flat.t().to(mask_t.dtype, memory_format=torch.contiguous_format)  # [N, B]
+        h = self.hidden((flat_t * mask_t).transpose(1, 2), shared=False)  # [EK, B, block]
         h = nn.functional.layer_norm(h, h.shape[-1:], eps=self.eps)
         h = torch.relu(h * self.norm_weight.unsqueeze(1) + self.norm_bias.unsqueeze(1))
         h = (
