@@ -16,6 +16,7 @@ import torch
 
 from dtn_torchrec.data.batch import Batch
 from dtn_torchrec.data.reader import ParquetBatchReader
+from dtn_torchrec.data.reader_columns import JaggedColumn
 from dtn_torchrec.data.reader_prefetch import PREFETCH_THREAD_NAME, WORKER_THREAD_PREFIX
 from dtn_torchrec.data.schema import FieldSpec, SchemaSpec, SplitSpec, weight_column_name
 
@@ -528,3 +529,17 @@ def test_pinned_batches_are_pinned_off_the_consumer_thread(
         ParquetBatchReader(str(dataset), "train", 4, pin_memory=True, use_weights=True, **kw)
     )
     _same_batches(pinned, unpinned)
+
+
+def test_single_valued_column_gathers_ids_and_weights_of_the_rows() -> None:
+    ids = pa.array([[5], [6], [7], [8]], pa.list_(pa.int64()))
+    weights = pa.array([[0.5], [0.6], [0.7], [0.8]], pa.list_(pa.float32()))
+    column = JaggedColumn.from_arrow(ids.slice(1), weights.slice(1))  # offsets not from 0
+    assert column.single_valued
+    lengths, got_ids, got_weights = column.gather(np.array([2, 0, 2]))
+    assert lengths.tolist() == [1, 1, 1] and lengths.dtype == np.int32
+    assert got_ids.tolist() == [8, 6, 8]
+    assert got_weights.tolist() == pytest.approx([0.8, 0.6, 0.8])
+    ragged = JaggedColumn.from_arrow(pa.array([[1], [], [2, 3]], pa.list_(pa.int64())))
+    assert not ragged.single_valued
+    assert ragged.gather(np.array([2, 0]))[1].tolist() == [2, 3, 1]

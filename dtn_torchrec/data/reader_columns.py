@@ -7,7 +7,7 @@ then one vectorised gather per field, with no intermediate Arrow table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -31,6 +31,11 @@ class JaggedColumn:
     values: np.ndarray
     weight_starts: Optional[np.ndarray] = None
     weights: Optional[np.ndarray] = None
+    # Every row holds exactly one id (most Ali-CCP fields): a gather is then one indexing.
+    single_valued: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.single_valued = bool((self.lengths == 1).all())
 
     @staticmethod
     def from_arrow(ids: pa.Array, weights: Optional[pa.Array] = None) -> "JaggedColumn":
@@ -45,6 +50,11 @@ class JaggedColumn:
     def gather(self, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(lengths int32 [k], ids int64 [sum], weights float32 [sum] | None) of ``rows``."""
         lengths = self.lengths[rows]
+        if self.single_valued:
+            ids = self.values[self.starts[rows]]
+            if self.weights is None:
+                return lengths, ids, None
+            return lengths, ids, self.weights[self.weight_starts[rows]]
         ids = _take_lists(self.values, self.starts[rows], lengths)
         if self.weights is None:
             return lengths, ids, None
