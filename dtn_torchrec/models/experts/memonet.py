@@ -257,11 +257,12 @@ class MemoNetExpert(nn.Module):
             z = self.shrink(inputs.fields, z)
         # Dense_H([e; z']) as two GEMMs over the column blocks of its kernel: no [B, F*D + V*d]
         # concatenation (and, under bf16 autocast, no fp32 copy of the bf16 z' to cast back).
-        flat = inputs.fields.flatten(1)
-        weight = self.projection.weight
-        width = flat.shape[1]
-        out = nn.functional.linear(flat, weight[:, :width], self.projection.bias)
-        return out + nn.functional.linear(z.flatten(1), weight[:, width:])
+        flat, z = inputs.fields.flatten(1), z.flatten(1)
+        # One split of the kernel: its backward is one cat (two slices would each zero-fill a
+        # kernel-sized gradient and add them).
+        w_fields, w_pairs = self.projection.weight.split([flat.shape[1], z.shape[1]], dim=1)
+        out = nn.functional.linear(flat, w_fields, self.projection.bias)
+        return out + nn.functional.linear(z, w_pairs)
 
 
 @EXPERTS.register("memonet")

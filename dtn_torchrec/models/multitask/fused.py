@@ -254,7 +254,7 @@ class StackedGatedCross(nn.Module):
             y = torch.mm(self.weight.view(num * rows, -1), c_t).view(num, rows, -1)
         else:
             y = torch.bmm(self.weight, c_t)  # [E, 2N, B]
-        cross, gate = y[:, : rows // 2], y[:, rows // 2 :]
+        cross, gate = y.chunk(2, dim=1)  # one split: its backward is one cat, not two pads
         # One dtype and one layout for the whole chain: no fp32 [E, N, B] temporaries (an fp32
         # bias would promote them) and no casts back to bf16 for the next GEMM.
         c0 = c0_t.to(y.dtype)
