@@ -62,15 +62,16 @@ ARCHITECTURE_FIELDS: Dict[str, List[str]] = {
 }
 # `dtn-model-stats --config configs/*.yaml --json` before the per-kind configs (Ali-CCP
 # reference table sizes): (embedding, dense) parameters. The YAMLs must keep their meaning.
-# MMoE/PLE demo experts went 64 -> 128 wide (input 23 fields x 16): + (368 + 64) * 64 + 64 per
-# first-level expert (4 MMoE, 5 PLE) and + (64 + 64) * 64 + 64 per second-level PLE expert (5).
+# The MMoE/PLE demo experts grew from 64 to 256 wide (input 23 fields x 16 = 368): an expert
+# 368 -> 256 -> 64 has 110,912 parameters (27,776 before), 64 -> 256 -> 64 has 33,088 (8,320);
+# MMoE went from 4 to 8 experts, which adds 4 logits to each task's gate (2 x 4 x (368 + 1)).
 PARAMETERS_BEFORE: Dict[str, tuple] = {
     "dtn_aliccp": (192030144, 41131924),
     "dtn_demo": (43447536, 2584180),
     "mmoe_aliccp": (43207536, 1371122),
-    "mmoe_demo": (43207536, 127338 + 4 * 27712),
+    "mmoe_demo": (43207536, 127338 + 8 * 110912 - 4 * 27776 + 2 * 4 * 369),
     "ple_aliccp": (43207536, 2427102),
-    "ple_demo": (43207536, 198211 + 5 * 27712 + 5 * 8256),
+    "ple_demo": (43207536, 198211 + 5 * (110912 - 27776) + 5 * (33088 - 8320)),
     "shared_bottom_aliccp": (43207536, 403426),
     "shared_bottom_demo": (43207536, 68770),
 }
