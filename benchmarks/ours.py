@@ -28,6 +28,7 @@ from dtn_torchrec.distributed.optimizers import apply_sparse_optimizer, build_de
 from dtn_torchrec.distributed.planning import plan_to_json
 from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.models.multitask.precision import configure_dense_arch
+from dtn_torchrec.train.allocator import keep_freed_memory
 
 _PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
@@ -76,6 +77,7 @@ def ours_step(run: TrainRun) -> OursStep:
     """Builds our path for ``run`` on this rank, as ``dtn-train`` does (dense precision and
     compile from ``train.*``)."""
     cfg, schema = run.load()
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
     model = build_train_model(cfg.model, schema, device=torch.device("meta"))

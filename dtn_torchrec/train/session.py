@@ -25,6 +25,7 @@ from dtn_torchrec.distributed.launch import DistributedContext
 from dtn_torchrec.distributed.optimizers import build_dense_optimizer
 from dtn_torchrec.distributed.planning import format_plan, plan_to_json
 from dtn_torchrec.models.multitask.precision import configure_dense_arch
+from dtn_torchrec.train.allocator import keep_freed_memory
 from dtn_torchrec.train.checkpointing import RANK_LOCAL_KEYS, TrainCheckpointer
 from dtn_torchrec.train.config import RunConfig, run_config_to_dict
 from dtn_torchrec.train.evaluation import Evaluator
@@ -73,6 +74,7 @@ def run_training(
             another model config or dataset (``RunMismatchError``, before anything is written).
         FileExistsError: checkpoints exist and ``resume`` is False.
     """
+    keep_freed_memory()  # no page faults for each step's activations (train.allocator)
     is_rank0 = ctx.rank == 0
     out_dir = Path(cfg.output.dir)
     schema = SchemaSpec.load(cfg.data.path)
