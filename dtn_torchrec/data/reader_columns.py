@@ -49,12 +49,14 @@ class JaggedColumn:
 
     def gather(self, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(lengths int32 [k], ids int64 [sum], weights float32 [sum] | None) of ``rows``."""
-        lengths = self.lengths[rows]
-        if self.single_valued:
-            ids = self.values[self.starts[rows]]
+        if self.single_valued and len(rows):
+            # Row i's id is values[starts[0] + i] (lists of length 1 are adjacent).
+            ids = self.values[int(self.starts[0]) :][rows]
+            lengths = np.ones(len(rows), dtype=self.lengths.dtype)
             if self.weights is None:
                 return lengths, ids, None
-            return lengths, ids, self.weights[self.weight_starts[rows]]
+            return lengths, ids, self.weights[int(self.weight_starts[0]) :][rows]
+        lengths = self.lengths[rows]
         ids = _take_lists(self.values, self.starts[rows], lengths)
         if self.weights is None:
             return lengths, ids, None
