@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -116,6 +116,23 @@ class ExpertOutputGate(nn.Module):
 def weighted_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Fuse stacked expert outputs ``[B, K, H]`` with weights ``[B, K]`` into ``[B, H]``."""
     return torch.einsum("bkh,bk->bh", experts, weights)
+
+
+def gated_sum(
+    groups: Sequence[torch.Tensor], weights: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """``sum_k weights[:, k] * e_k`` over the experts of ``groups`` taken in order.
+
+    Args:
+        groups (Sequence[torch.Tensor]): ``[B, n_g, H]`` each (an ``ExpertGroup``'s output).
+        weights (torch.Tensor): ``[B, K]``, ``K = sum n_g``.
+        num_experts (int): ``K`` (a Python int: the train pipeline fx-traces the model).
+
+    Returns:
+        torch.Tensor: ``[B, H]``, stored as ``[H, B]`` like the fused experts' outputs.
+    """
+    stored = torch.cat([g.permute(1, 2, 0) for g in groups])  # [K, H, B]
+    return task_mixtures(stored.transpose(1, 2), weights.unsqueeze(0), num_experts)[0]
 
 
 def task_mixtures(experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dtn_torchrec.models.multitask.expert_group import (
     check_task_names,
     dense_expert_inputs,
 )
-from dtn_torchrec.models.multitask.gates import InputGate, weighted_sum
+from dtn_torchrec.models.multitask.gates import InputGate, gated_sum
 from dtn_torchrec.models.multitask.towers import build_towers
 from dtn_torchrec.models.types import ExpertInputs
 
@@ -130,13 +130,21 @@ class PLE(nn.Module):
                 t: self.task_experts[level][t](task_inputs[t]) for t in self._tasks
             }  # [B, n_t, H]
             shared = self.shared_experts[level](shared_input)  # [B, n_s, H]
+            n_own, n_shared = (
+                len(self.task_experts[level][self._tasks[0]]),
+                len(self.shared_experts[level]),
+            )
             for t in self._tasks:
                 weights = self.task_gates[level][t](task_inputs[t].flat)
-                task_outputs[t] = weighted_sum(torch.cat([own[t], shared], dim=1), weights)
+                task_outputs[t] = gated_sum([own[t], shared], weights, n_own + n_shared)
             if level < self._num_levels - 1:
-                every = torch.cat([own[t] for t in self._tasks] + [shared], dim=1)
+                every = [own[t] for t in self._tasks] + [shared]
                 shared_input = dense_expert_inputs(
-                    weighted_sum(every, self.shared_gates[level](shared_input.flat))
+                    gated_sum(
+                        every,
+                        self.shared_gates[level](shared_input.flat),
+                        len(self._tasks) * n_own + n_shared,
+                    )
                 )
                 task_inputs = {t: dense_expert_inputs(task_outputs[t]) for t in self._tasks}
         return torch.cat([self.towers[t](task_outputs[t]) for t in self._tasks], dim=1)
