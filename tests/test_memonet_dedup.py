@@ -155,8 +155,9 @@ def _codebooks(model: nn.Module) -> Dict[str, torch.Tensor]:
     }
 
 
-def _sharded_dtn(dedup_ids: bool) -> nn.Module:
-    """``single_rank.sharded_train_model("dtn")`` with ``dedup_ids`` set on its MemoNet."""
+def _sharded_dtn(dedup_ids: bool, sharding_type: str) -> nn.Module:
+    """``single_rank.sharded_train_model("dtn")`` with ``dedup_ids`` set on its MemoNet and
+    every table sharded ``sharding_type``."""
     raw = model_section("dtn")
     for method in raw["dtn"]["methods"]:
         if method["kind"] == "memonet":
@@ -166,16 +167,23 @@ def _sharded_dtn(dedup_ids: bool) -> nn.Module:
         model_config_from_dict(raw), SCHEMA, SparseOptimizerConfig(name="rowwise_adagrad", lr=0.1)
     )
     return build_sharded_model(
-        module, ShardingConfig(), SCHEMA, device=CPU, batch_size=BATCH_SIZE
+        module,
+        ShardingConfig(sharding_types=[sharding_type]),
+        SCHEMA,
+        device=CPU,
+        batch_size=BATCH_SIZE,
     ).model
 
 
-def test_sharded_codebook_step_is_the_same_with_and_without_dedup(one_rank) -> None:
+@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise", "column_wise"])
+def test_sharded_codebook_step_is_the_same_with_and_without_dedup(
+    one_rank, sharding_type: str
+) -> None:
     batch = random_batch(seed=0)
     before: Dict[bool, Dict[str, torch.Tensor]] = {}
     after: Dict[bool, Dict[str, torch.Tensor]] = {}
     for dedup in (False, True):
-        model = _sharded_dtn(dedup)
+        model = _sharded_dtn(dedup, sharding_type)
         experts = [m for m in model.modules() if isinstance(m, MemoNetExpert)]
         assert experts and all((m.dedup is not None) == dedup for m in experts)
         before[dedup] = _codebooks(model)
