@@ -290,6 +290,31 @@ def run_ranks(
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
+def merge_processes(runs: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Per rank, one record of a measurement repeated in fresh processes (``runs[p][rank]``, as
+    :func:`rank_record` wrote them): windows, their steps and other processes' CPU in run order,
+    the median of all windows, whether any was contended, the largest peak memory, the setup
+    time of each process."""
+    merged = []
+    for per_process in zip(*runs):
+        first = per_process[0]
+        windows = [w for r in per_process for w in r["windows"]]
+        others = [c for r in per_process for c in r["other_cpu_cores"]]
+        merged.append(
+            {
+                **first,
+                "samples_per_s": statistics.median(windows),
+                "windows": windows,
+                "window_steps": [n for r in per_process for n in r["window_steps"]],
+                "other_cpu_cores": others,
+                "contended": any(r["contended"] for r in per_process),
+                "setup_s": [r["setup_s"] for r in per_process],
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_process),
+            }
+        )
+    return merged
+
+
 def combine_ranks(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     """One record for a multi-rank measurement: samples/s summed over ranks (each rank's median),
     its min-max (summed per window), whether any window was contended, peak memory per rank, and

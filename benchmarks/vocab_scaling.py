@@ -15,6 +15,10 @@ configuration whose estimate exceeds ``--memory-budget-gb`` (summed over ranks) 
 started, and the report names the largest size that ran. Peak memory per rank is the rank
 process's ``ru_maxrss``.
 
+Timing: ours runs each of ``--windows`` windows in a fresh process (after ``--warmup`` steps),
+the scales taking turns window by window, and reports the median window; the reference (slow
+to set up at large scales) runs its windows in one process per scale.
+
 Targets reported (not asserted): MMoE x1 ours >= 1.5x the reference, x100 >= 20x; ours at x100
 keeps >= 70% of its x1 rate; x1000 trains at all.
 """
@@ -26,7 +30,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,6 +43,7 @@ from benchmarks.common import (
     format_table,
     machine_info,
     measure_roofline,
+    merge_processes,
     rate_spread,
     refuse_if_busy,
     run_ranks,
@@ -212,7 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"train.sparse_optimizer.name={args.sparse_optimizer}",
     )
 
-    results: List[Dict[str, Any]] = []
+    # (record, run, sides to measure) of every (scale, model), in table order.
+    plans: List[Tuple[Dict[str, Any], TrainRun, List[str]]] = []
     for scale in scales:
         fields = log_spaced_fields(NUM_FIELDS, SMALLEST, largest, scale)
         data = cached_dataset(args.data, f"vocab-x{scale}", fields, rows, seed=scale, ids=args.ids)
@@ -231,10 +237,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 table_precision=precision,
             )
             run_cfg, _ = run.load()
-            need_ours = estimated_memory(
-                run_cfg, schema, args.ranks, ours=True, precision=precision
-            )
-            need_ref = estimated_memory(run_cfg, schema, args.ranks, ours=False, precision="fp32")
+            need = {
+                "ours": estimated_memory(
+                    run_cfg, schema, args.ranks, ours=True, precision=precision
+                ),
+                "reference": estimated_memory(
+                    run_cfg, schema, args.ranks, ours=False, precision="fp32"
+                ),
+            }
             record: Dict[str, Any] = {
                 "model": name,
                 "scale": scale,
@@ -242,34 +252,56 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "ranks": args.ranks,
                 "threads_per_rank": threads,
                 "table_precision": precision,
-                "estimated_bytes": {"ours": need_ours, "reference": need_ref},
+                "estimated_bytes": need,
             }
-            for side, need, fn in (
-                ("ours", need_ours, ours_rank),
-                ("reference", need_ref, reference_rank),
-            ):
-                if need > budget:
+            sides = []
+            for side in ("ours", "reference"):
+                if need[side] > budget:
                     record[side] = _skip(
-                        f"estimated {need / GIB:,.1f} GiB > budget {args.memory_budget_gb:g} GiB"
+                        f"estimated {need[side] / GIB:,.1f} GiB > budget "
+                        f"{args.memory_budget_gb:g} GiB"
                     )
                 else:
-                    record[side] = combine_ranks(
-                        run_ranks(fn, args.ranks, threads, args.timeout, run=run)
+                    sides.append(side)
+            plans.append((record, run, sides))
+
+    # Ours: each window in a fresh process, the scales taking turns (x1, x100, x1, x100, ...),
+    # so that drift of the machine and a process's luck (placement, memory layout) hit every
+    # scale alike; the x100 / x1 ratio compares windows measured side by side in time.
+    one_window = dataclasses.replace(timing, windows=1)
+    ours_runs: List[List[List[Dict[str, Any]]]] = [[] for _ in plans]
+    for _ in range(timing.windows):
+        for runs, (_, run, sides) in zip(ours_runs, plans):
+            if "ours" in sides:
+                runs.append(
+                    run_ranks(
+                        ours_rank,
+                        args.ranks,
+                        threads,
+                        args.timeout,
+                        run=dataclasses.replace(run, timing=one_window),
                     )
-            ours_rate, ref_rate = (
-                record["ours"]["samples_per_s"],
-                record["reference"]["samples_per_s"],
+                )
+    results: List[Dict[str, Any]] = []
+    for runs, (record, run, sides) in zip(ours_runs, plans):
+        if "ours" in sides:
+            record["ours"] = combine_ranks(merge_processes(runs))
+        if "reference" in sides:  # slow at large scales: one process, its windows in a row
+            record["reference"] = combine_ranks(
+                run_ranks(reference_rank, args.ranks, threads, args.timeout, run=run)
             )
-            record["ratio"] = ours_rate / ref_rate if ours_rate and ref_rate else None
-            record["contended"] = any(
-                record[side].get("contended", False) for side in ("ours", "reference")
-            )
-            results.append(record)
-            print(
-                f"[vocab] {name} x{scale}: ours {_rate(record['ours'])}/s, reference {_rate(record['reference'])}/s",
-                file=sys.stderr,
-                flush=True,
-            )
+        ours_rate, ref_rate = record["ours"]["samples_per_s"], record["reference"]["samples_per_s"]
+        record["ratio"] = ours_rate / ref_rate if ours_rate and ref_rate else None
+        record["contended"] = any(
+            record[side].get("contended", False) for side in ("ours", "reference")
+        )
+        results.append(record)
+        print(
+            f"[vocab] {record['model']} x{record['scale']}: ours {_rate(record['ours'])}/s, "
+            f"reference {_rate(record['reference'])}/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     print(
         format_table(

@@ -21,7 +21,13 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from benchmarks.common import WindowSpec, combine_ranks, timed_windows, update_bytes_per_id
+from benchmarks.common import (
+    WindowSpec,
+    combine_ranks,
+    merge_processes,
+    timed_windows,
+    update_bytes_per_id,
+)
 from benchmarks.conditions import (
     CONTENDED_CORES,
     OtherCpuMonitor,
@@ -473,3 +479,28 @@ def test_quality_libraries_smoke_trains_dtn_with_its_memonet_fields(tmp_path: Pa
     memonet = [m for m in summary["config"]["model"]["dtn"]["methods"] if m["kind"] == "memonet"]
     assert memonet[0]["fields"] == [f"f{i:02d}" for i in range(20)]
     assert set(result["oracle_test_auc"]) == {"click", "conversion"}
+
+
+def test_merge_processes_pools_the_windows_of_each_rank() -> None:
+    def rec(windows: List[float], contended: bool, peak: int) -> Dict[str, Any]:
+        return {
+            "samples_per_s": windows[0],
+            "windows": windows,
+            "window_steps": [10] * len(windows),
+            "other_cpu_cores": [0.0] * len(windows),
+            "contended": contended,
+            "setup_s": 1.0,
+            "peak_rss_bytes": peak,
+            "sharding": {"t": "row_wise"},
+        }
+
+    runs = [
+        [rec([3.0], False, 5), rec([30.0], False, 7)],
+        [rec([1.0, 2.0], True, 6), rec([10.0], False, 4)],
+    ]
+    rank0, rank1 = merge_processes(runs)
+    assert rank0["windows"] == [3.0, 1.0, 2.0] and rank0["samples_per_s"] == 2.0
+    assert rank0["contended"] and rank0["peak_rss_bytes"] == 6 and rank0["setup_s"] == [1.0, 1.0]
+    assert rank1["windows"] == [30.0, 10.0] and rank1["samples_per_s"] == 20.0
+    assert not rank1["contended"] and rank1["peak_rss_bytes"] == 7
+    assert rank1["sharding"] == {"t": "row_wise"}
