@@ -46,6 +46,7 @@ from benchmarks.common import contention_mark, format_table, machine_info
 from benchmarks.conditions import OtherCpuMonitor, is_contended, measure_gemm_peaks, probe_idle
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.distributed.library_warnings import quiet_harmless_log_lines
 from dtn_torchrec.models.stats import model_stats
 from dtn_torchrec.train.config import load_run_config
 
@@ -413,6 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "model_quality.json"
     )
     args = p.parse_args(argv)
+    quiet_harmless_log_lines()  # model_stats builds KJTs (torch.fx's deprecation line)
     purpose = "report" if args.seeds_report is not None else "tune"
     structure_seeds = args.seeds_report if purpose == "report" else args.seeds_tune
     check_seed_purpose(structure_seeds, purpose)

@@ -63,6 +63,7 @@ from benchmarks.synthetic import (
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.prepare import DEFAULT_VALID_FRACTION
 from dtn_torchrec.data.schema import SchemaSpec
+from dtn_torchrec.distributed.library_warnings import quiet_harmless_log_lines
 from dtn_torchrec.models.stats import model_stats
 from dtn_torchrec.train.config import load_run_config
 
@@ -158,6 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "quality_libraries.json"
     )
     args = p.parse_args(argv)
+    quiet_harmless_log_lines()  # model_stats builds KJTs (torch.fx's deprecation line)
     configs = checked_configs(p, args)
     fields = log_spaced_fields(NUM_FIELDS, SMALLEST_VOCAB, args.largest_vocab, 1)
     field_names = [f.name for f in fields]
