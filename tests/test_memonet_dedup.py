@@ -21,7 +21,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
 from dtn_torchrec.distributed.config import ShardingConfig, SparseOptimizerConfig
 from dtn_torchrec.models.config import model_config_from_dict
-from dtn_torchrec.models.experts import memonet
 from dtn_torchrec.models.experts.memonet import MemoNetExpert, PairIdDedup, gather_rows
 from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY
 from dtn_torchrec.models.types import ExpertInputs
@@ -73,20 +72,6 @@ def test_gather_rows_sums_repeated_rows_gradient_in_fp32() -> None:
     assert rows.grad.dtype == torch.float32
     torch.testing.assert_close(
         rows.grad, torch.zeros(5, DIM).index_add_(0, index, grad.bfloat16().float())
-    )
-
-
-def test_gather_rows_backward_in_chunks_sums_like_one_index_add(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(memonet, "_GATHER_CHUNK_ELEMENTS", 3 * DIM)  # 3 rows per chunk
-    g = torch.Generator().manual_seed(4)
-    rows = torch.randn(4, DIM, generator=g, requires_grad=True)
-    index = torch.randint(0, 4, (20,), generator=g)  # 7 chunks, the last one short
-    grad = torch.randn(20, DIM, generator=g)
-    gather_rows(rows, index).backward(grad)
-    torch.testing.assert_close(
-        rows.grad, torch.zeros(4, DIM).index_add_(0, index, grad), rtol=0, atol=0
     )
 
 
