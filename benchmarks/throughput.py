@@ -60,6 +60,7 @@ from benchmarks.synthetic import aliccp_like_fields, cached_dataset
 from dtn_torchrec.atomic_files import write_json_atomic
 from dtn_torchrec.data.schema import SchemaSpec
 from dtn_torchrec.distributed.build import feature_ids_per_row
+from dtn_torchrec.distributed.library_warnings import quiet_harmless_log_lines
 from dtn_torchrec.distributed.planning import find_embedding_tables
 from dtn_torchrec.distributed.sharders import embedding_sharders
 from dtn_torchrec.models.builder import build_model
@@ -185,6 +186,7 @@ def roofline_row(result: Dict[str, Any], roofline: Roofline) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_harmless_log_lines()  # the models' KJTs (torch.fx's deprecation line)
     models = _names(args.models, MODELS, "--models")
     ranks = [int(r) for r in _names(args.ranks, ("1", "2", "4", "8"), "--ranks")]
     id_scale, history_scale = DATA_SCALES[args.size]
