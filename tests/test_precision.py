@@ -13,6 +13,7 @@ from dtn_torchrec.data.schema import ALICCP_FIELDS, ALICCP_LABELS, FieldSpec, Sc
 from dtn_torchrec.dataclass_config import ConfigError
 from dtn_torchrec.models.builder import build_train_model
 from dtn_torchrec.models.config import model_config_from_dict
+from dtn_torchrec.models.experts.memonet import MemoNetExpert
 from dtn_torchrec.models.multitask import precision as precision_module
 from dtn_torchrec.models.multitask.precision import configure_dense_arch, resolve_precision
 from dtn_torchrec.models.stats import random_features
@@ -94,3 +95,18 @@ def test_bf16_model_traces_like_the_train_pipeline() -> None:
     configure_dense_arch(model.model, "bf16", False, torch.device("cpu"))
     graph = torchrec.fx.symbolic_trace(model)
     assert any(node.op == "call_module" for node in graph.graph.nodes)
+
+
+def test_cuda_training_looks_memonet_ids_up_without_dedup() -> None:
+    """The distinct-id lookup needs the id count on the host: off on CUDA, kept on CPU."""
+    schema = SchemaSpec(
+        fields=[FieldSpec(name=f, num_embeddings=50, max_length=1) for f in ALICCP_FIELDS[:6]],
+        labels=list(ALICCP_LABELS),
+    )
+    section = {"name": "dtn", "tasks": ["click", "conversion"], "embedding": {"embedding_dim": 8}}
+    cfg = model_config_from_dict(section)
+    for device, dedup_kept in ((torch.device("cpu"), True), (torch.device("cuda"), False)):
+        model = build_train_model(cfg, schema, device=torch.device("meta"))
+        configure_dense_arch(model.model, "fp32", False, device)
+        experts = [m for m in model.modules() if isinstance(m, MemoNetExpert)]
+        assert experts and all((m.dedup is not None) == dedup_kept for m in experts), device

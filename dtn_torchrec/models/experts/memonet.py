@@ -267,6 +267,14 @@ class MemoNetExpert(nn.Module):
         return out + nn.functional.linear(z, w_pairs)
 
 
+def drop_id_dedup(model: nn.Module) -> None:
+    """Every MemoNet expert in ``model`` looks its codebook ids up as they come (no
+    :class:`PairIdDedup`): on CUDA the distinct-id count would sync the host every step."""
+    for module in model.modules():
+        if isinstance(module, MemoNetExpert):
+            module.dedup = None
+
+
 @EXPERTS.register("memonet")
 @dataclass
 class MemoNetConfig(ExpertConfig):
@@ -287,8 +295,8 @@ class MemoNetConfig(ExpertConfig):
             shrinking to one vector per crossed field).
         dedup_ids (bool): look up each batch's distinct pair ids once and gather them back
             (same result; the codebook's row-wise Adagrad sums duplicate ids' gradients either
-            way). On CUDA it syncs the host once per step (the number of distinct ids).
-            Default: true.
+            way). CPU only: on CUDA the distinct-id count would sync the host every step, so
+            training there looks the ids up as they come (:func:`drop_id_dedup`). Default: true.
     """
 
     fields: Optional[List[str]] = None

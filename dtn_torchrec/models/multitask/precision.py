@@ -14,6 +14,8 @@ from typing import ContextManager, Literal, Optional
 import torch
 from torch import nn
 
+from dtn_torchrec.models.experts.memonet import drop_id_dedup
+
 Precision = Literal["fp32", "bf16"]
 PRECISION_CHOICES = ("fp32", "bf16", "auto")
 # CPU flags of native bf16 dot products (AVX512-BF16) or tiles (AMX); without them oneDNN
@@ -70,9 +72,12 @@ def configure_dense_arch(
 ) -> Precision:
     """Sets a ``MultiTaskModel``'s dense precision (``precision`` resolved for ``device``) and,
     with ``compile_dense``, compiles its dense arch in place (``nn.Module.compile`` keeps the
-    parameter names, so checkpoints do not change). Returns the resolved precision."""
+    parameter names, so checkpoints do not change); on CUDA, MemoNet looks its ids up without
+    deduplication (no host sync in the step). Returns the resolved precision."""
     resolved = resolve_precision(precision, device)
     model.set_dense_precision(resolved, device.type)
+    if device.type == "cuda":
+        drop_id_dedup(model)
     if compile_dense:
         model.dense_arch.compile()
     return resolved
