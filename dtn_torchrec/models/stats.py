@@ -3,7 +3,9 @@
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the dense part (experts,
 gates, towers, relation) of a CPU copy of the model run on a random batch; like every FLOP
 counter it counts matrix products (``2 * m * n * k``), not elementwise ops or embedding lookups.
-Training costs ``3x`` the forward (backward = 2 products per forward product).
+Training costs ``3x`` the forward (backward = 2 products per forward product). MemoNet is counted
+as defined, per looked-up id: its distinct-id merge (``dedup_ids``) does fewer products, as many
+as the batch has distinct ids, which is a property of the data, not of the model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dtn_torchrec.data.schema import ALICCP_FIELDS, ALICCP_LABELS, FieldSpec, SchemaSpec
 from dtn_torchrec.models.builder import build_model
 from dtn_torchrec.models.config import ModelConfig
+from dtn_torchrec.models.experts.memonet import drop_id_dedup
 
 # Ali-CCP table rows (id 0 = missing/OOV, so vocab lines + 1), from the reference vocab files
 # (docs/data-formats.md, the 23 Ali-CCP fields). 110_14 and 205 have no vocab file there: 110_14
@@ -164,6 +167,7 @@ def model_stats(cfg: ModelConfig, schema: SchemaSpec, batch_size: int = 8) -> Mo
         ],
     )
     model = build_model(cfg, capped, device=torch.device("cpu")).eval()
+    drop_id_dedup(model)
     flops = dense_forward_flops(model, random_features(capped, batch_size))
     return ModelStats(
         embedding_params=embedding, dense_params=dense, forward_flops_per_sample=flops / batch_size

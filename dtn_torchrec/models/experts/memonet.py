@@ -80,7 +80,7 @@ class PairIdDedup(nn.Module):
 
     FBGEMM's CPU backward of a sequence (unpooled) table costs per id and per distinct row;
     looking up only the distinct ids moves the summation of repeated ids' gradients (which the
-    row-wise Adagrad step sums anyway) into one ``index_add_``. The train pipeline
+    row-wise Adagrad step sums anyway) into the backward of :func:`merge_distinct_rows`. The train pipeline
     (``pipeline_postproc=True``) runs this parameter-free module in its data-dist stage, before
     the codebook's input dist.
 
@@ -103,34 +103,51 @@ class PairIdDedup(nn.Module):
         return distinct_ids(pair_ids, self.num_buckets)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``rows[index]`` in ``dtype``; backward sums the gradients of repeated indices in fp32."""
+class _GatherSum(torch.autograd.Function):
+    """``sum_k table[index[:, k]]`` ``[M, d]`` in ``table``'s dtype; the backward sums the
+    gradients of repeated rows in fp32 (a bf16 sum of a head id's hundreds would lose them)."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index)
-        ctx.num_rows = rows.shape[0]
-        return rows.to(dtype).index_select(0, index)
+        ctx.num_rows = table.shape[0]
+        out = table.index_select(0, index[:, 0])
+        for k in range(1, index.shape[1]):
+            out.add_(table.index_select(0, index[:, k]))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        rows_grad = grad.new_zeros((ctx.num_rows, grad.shape[1]), dtype=torch.float32)
-        # One call over the whole gradient: index_add_ in cache-sized chunks halves one
-        # thread's time but, with 2 threads, pays a parallel region per chunk (3-4x slower).
-        return rows_grad.index_add_(0, index, grad.float()), None, None
+        grad = grad.float()
+        table_grad = grad.new_zeros((ctx.num_rows, grad.shape[1]))
+        for k in range(index.shape[1]):
+            table_grad.index_add_(0, index[:, k], grad)
+        return table_grad, None  # autograd casts it to the table's dtype
 
 
-@torch.fx.wrap  # one node for the train pipeline's fx trace (it reads the autocast state)
-def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``[U, d]`` (fp32) -> ``rows[index]`` ``[N, d]``, in the autocast dtype when autocast
-    is on (the merge GEMM's input dtype: the cast is done on ``U`` rows, not ``N``); the
-    gradient of ``rows`` sums in fp32."""
-    if torch.jit.is_scripting():  # the export (inference): no autograd Function, no autocast
-        return rows.index_select(0, index)
-    device = rows.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-    return _GatherRows.apply(rows, index, dtype)
+@torch.fx.wrap  # one node for the train pipeline's and the export's fx traces
+def merge_distinct_rows(
+    rows: torch.Tensor, merge_weight: torch.Tensor, inverse: torch.Tensor
+) -> torch.Tensor:
+    """Linear memory restoring over a batch's distinct codewords.
+
+    ``z'_n = sum_k rows[inverse[n K + k]] W_k^T``, with ``W_k`` the ``k``-th ``[d, d]`` column
+    block of ``merge_weight`` ``[d, K*d]``: the merge is linear, so it runs on the ``U``
+    distinct rows (``[U, d] x [d, K*d]``, one GEMM) before the gather, not on the batch's
+    ``N = M*K`` codewords; the gather-sum then reads each pair's ``K`` merged rows.
+
+    Args: rows: ``[U, d]``; merge_weight: ``[d, K*d]``; inverse: ``[N]`` positions in ``rows``.
+    Returns: ``[M, d]``, in the autocast dtype when autocast is on (the merge GEMM's).
+    """
+    d_out, d_in = merge_weight.shape[0], rows.shape[1]
+    num_hash = merge_weight.shape[1] // d_in
+    per_hash = merge_weight.view(d_out, num_hash, d_in).transpose(0, 1).reshape(-1, d_in)
+    table = nn.functional.linear(rows, per_hash).view(-1, d_out)  # row u*K + k: rows[u] W_k^T
+    index = inverse.view(-1, num_hash) * num_hash + torch.arange(num_hash, device=inverse.device)
+    if torch.jit.is_scripting():  # the export (inference): no autograd Function
+        return table[index].sum(dim=1)
+    return _GatherSum.apply(table, index)
 
 
 class GlobalAttentiveShrink(nn.Module):
@@ -185,7 +202,8 @@ class MemoNetExpert(nn.Module):
         codeword_dim (int): ``d``.
         output_dim (int): ``H``.
         shrink (str): ``"none"`` or ``"gas"``.
-        dedup_ids (bool): look up each batch's distinct ids once (:class:`PairIdDedup`).
+        dedup_ids (bool): look up and merge each batch's distinct ids once (:class:`PairIdDedup`,
+            :func:`merge_distinct_rows`).
         name (str): expert name; the codebook table is ``memonet_codebook_<name>``.
         device (Optional[torch.device]): where the parameters live (meta for DMP).
     """
@@ -248,13 +266,15 @@ class MemoNetExpert(nn.Module):
             raise ValueError(
                 "MemoNetExpert needs ExpertInputs.pair_ids; build SparseArch with pair_hash"
             )
+        # Ids are ordered [row][pair][hash]: K consecutive codewords are [z_1; ...; z_K].
         if self.dedup is not None:
             distinct = self.dedup(inputs.pair_ids)
-            codewords = gather_rows(_lookup(self.codebook, distinct.ids), distinct.inverse)
+            rows = _lookup(self.codebook, distinct.ids)  # [U, d]
+            z = merge_distinct_rows(rows, self.merge.weight, distinct.inverse)
+            z = z.view(-1, self.num_pairs, self.codeword_dim)
         else:
             codewords = _lookup(self.codebook, inputs.pair_ids)  # [B*P*K, d]
-        # Ids are ordered [row][pair][hash], so this is the concat over hashes [z_1; ...; z_K].
-        z = self.merge(codewords.view(-1, self.num_pairs, self.num_hash * self.codeword_dim))
+            z = self.merge(codewords.view(-1, self.num_pairs, self.num_hash * self.codeword_dim))
         if self.shrink is not None:
             z = self.shrink(inputs.fields, z)
         # Dense_H([e; z']) as two GEMMs over the column blocks of its kernel: no [B, F*D + V*d]
