@@ -3,8 +3,8 @@
     python -m benchmarks.quality_libraries --workdir /tmp/quality-libraries --seeds 0 \
         --out benchmarks/results/quality_libraries.json
 
-The data (issue 15): 20 single-valued fields with vocabularies log-spaced 10..100k and Zipf ids
-(as ``benchmarks.mmoe_libraries``), labels from a planted model (``synthetic.PlantedLabels``)
+The data (issue 15): 20 single-valued fields with vocabularies log-spaced 10..100 (``--largest-vocab``)
+and Zipf ids, labels from a planted model (``synthetic.PlantedLabels``)
 with 8 rank-4 pairwise crosses per task, the pairs drawn by the seed independently per task (so
 the tasks mostly cross different pairs); a cross factor std of 0.6 puts the oracle near the
 0.90 / 0.93 the issue reports for this setting. 200k train rows, of which 10% move to a valid
@@ -69,7 +69,13 @@ from dtn_torchrec.train.config import load_run_config
 
 DEFAULT_CONFIGS = [REPO / "configs" / f"{m}_demo.yaml" for m in ("dtn", "mmoe", "ple")]
 LABELS = PlantedLabels(cross_std=0.6, rank=4, crosses_per_task=8)
-NUM_FIELDS, SMALLEST_VOCAB, LARGEST_VOCAB = 20, 10, 100_000
+# Vocabularies up to 100, not the 100k of ``benchmarks.mmoe_libraries`` (a speed setting): in the
+# libraries' set the issue measured, their MMoE reached 0.818 / 0.843 against an oracle of
+# 0.90 / 0.93 in one epoch, so its crosses were learnable. With vocabularies up to 100k and Zipf
+# ids most crossed ids are rare: every model lands ~0.2 below the oracle and the MLP-expert models
+# (MMoE, PLE, the MLP baseline) tie. Up to 100 is the closest of 100 / 300 / 1k / 10k / 100k to the
+# issue's levels (README, model quality on the libraries' kind of data, has the sweep).
+NUM_FIELDS, SMALLEST_VOCAB, LARGEST_VOCAB = 20, 10, 100
 # The lead must beat every other config by this much test AUC on every task.
 LEAD_MARGIN = 0.005
 
