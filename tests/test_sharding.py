@@ -302,3 +302,13 @@ def test_sharded_step_matches_unsharded(case: str) -> None:
     # Between them the ranks compared every table (all its shards) and every dense tensor.
     checked = {key.partition("@")[0] for result in results for key in result["checked"]}
     assert checked == set(ToyTrain(ToyModel(torch.device("meta"))).state_dict())
+
+
+@pytest.mark.slow
+def test_one_rank_step_matches_unsharded() -> None:
+    # One rank: DDP's all-reduce is replaced by the local gradients (shard_model's no-op hook);
+    # the step, data-parallel tables included, still equals the reference.
+    (result,) = run_on_ranks(
+        _check_against_reference, world_size=1, table_types=SHARDING_CASES["data_parallel"]
+    )
+    assert result["checked"]

@@ -7,6 +7,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import (
     DefaultDataParallelWrapper,
     DistributedModelParallel,
@@ -47,7 +49,7 @@ def shard_model(
         reason="TorchRec's DDP wrapper passes broadcast_buffers=False, deprecated but honoured"
         " by torch 2.13 as before (buffers are not synced, as TorchRec intends)",
     ):
-        return DistributedModelParallel(
+        model = DistributedModelParallel(
             module=module,
             env=ShardingEnv.from_process_group(group),
             device=device,
@@ -59,3 +61,10 @@ def shard_model(
                 static_graph=not find_unused_parameters,
             ),
         )
+    ddp = model._dmp_wrapped_module
+    if group.size() == 1 and isinstance(ddp, DistributedDataParallel):
+        # One rank: the all-reduce and its division by the world size would only copy and
+        # scale every dense gradient by 1 (~3% of DTN's reference step on CPU). PyTorch's no-op
+        # hook (meant for headroom analysis) is the exact synchronisation of a one-rank group.
+        ddp.register_comm_hook(state=None, hook=noop_hook)
+    return model
