@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 from benchmarks.conditions import (
@@ -522,3 +523,17 @@ def strict_status(contended: bool, strict: bool) -> int:
             file=sys.stderr,
         )
     return 3 if contended and strict else 0
+
+
+def memonet_overrides(config: str | os.PathLike, field_names: Sequence[str]) -> List[str]:
+    """The override that points every MemoNet method of a DTN ``config`` at ``field_names``;
+    none for other models or a DTN without MemoNet."""
+    model = yaml.safe_load(Path(config).read_text()).get("model", {})
+    if model.get("name") != "dtn":
+        return []
+    names = json.dumps(list(field_names), separators=(",", ":"))
+    return [
+        f"model.dtn.methods.{i}.fields={names}"
+        for i, method in enumerate(model.get("dtn", {}).get("methods", []))
+        if method.get("kind") == "memonet"
+    ]

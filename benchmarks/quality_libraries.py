@@ -39,9 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
-
-from benchmarks.common import contention_mark, machine_info
+from benchmarks.common import contention_mark, machine_info, memonet_overrides
 from benchmarks.model_quality import (
     REPO,
     TEST_SPLIT,
@@ -78,20 +76,6 @@ LABELS = PlantedLabels(cross_std=0.6, rank=4, crosses_per_task=8)
 NUM_FIELDS, SMALLEST_VOCAB, LARGEST_VOCAB = 20, 10, 100
 # The lead must beat every other config by this much test AUC on every task.
 LEAD_MARGIN = 0.005
-
-
-def memonet_overrides(config: Path, field_names: Sequence[str]) -> List[str]:
-    """The override that points every MemoNet method of a DTN ``config`` at ``field_names``;
-    none for other models or a DTN without MemoNet."""
-    model = yaml.safe_load(config.read_text()).get("model", {})
-    if model.get("name") != "dtn":
-        return []
-    names = json.dumps(list(field_names), separators=(",", ":"))
-    return [
-        f"model.dtn.methods.{i}.fields={names}"
-        for i, method in enumerate(model.get("dtn", {}).get("methods", []))
-        if method.get("kind") == "memonet"
-    ]
 
 
 def prepare_data(

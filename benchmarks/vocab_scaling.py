@@ -43,6 +43,7 @@ from benchmarks.common import (
     format_table,
     machine_info,
     measure_roofline,
+    memonet_overrides,
     merge_processes,
     rate_spread,
     refuse_if_busy,
@@ -234,7 +235,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config = str(REPO / "configs" / f"{name}_demo.yaml")
             run = TrainRun(
                 config=config,
-                overrides=overrides + MODEL_OVERRIDES.get(name, ()),
+                # DTN's config pins MemoNet's fields by Ali-CCP names: cross these fields instead.
+                overrides=overrides
+                + MODEL_OVERRIDES.get(name, ())
+                + tuple(memonet_overrides(config, [f.name for f in fields])),
                 data=str(data),
                 batch_size=batch,
                 timing=timing,

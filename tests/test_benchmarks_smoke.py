@@ -165,6 +165,15 @@ def test_vocab_scaling_smoke_one_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_vocab_scaling_smoke_dtn_crosses_the_generic_fields(tmp_path: Path) -> None:
+    # dtn_demo.yaml pins MemoNet's fields by Ali-CCP names; the benchmark's fields are f00..f19.
+    result = _run("vocab_scaling", tmp_path, "--models", "dtn", "--ranks", "1")
+    for r in result["results"]:
+        _check_measurement(r["ours"], 1, windows=3)
+        assert any('"f19"' in o for o in r["overrides"]), r["overrides"]
+
+
+@pytest.mark.slow
 def test_vocab_scaling_smoke_two_ranks_row_wise(tmp_path: Path) -> None:
     result = _run("vocab_scaling", tmp_path, "--models", "mmoe", "--ranks", "2")
     _check_vocab(result, 2)

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.quality_libraries import DEFAULT_CONFIGS, memonet_overrides, ordering_checks
+from benchmarks.common import memonet_overrides
+from benchmarks.quality_libraries import DEFAULT_CONFIGS, ordering_checks
 from benchmarks.synthetic import (
     PlantedLabels,
     PlantedModel,
