@@ -80,9 +80,9 @@ class PairIdDedup(nn.Module):
 
     FBGEMM's CPU backward of a sequence (unpooled) table costs per id and per distinct row;
     looking up only the distinct ids moves the summation of repeated ids' gradients (which the
-    row-wise Adagrad step sums anyway) into the backward of :func:`merge_distinct_rows`. The train pipeline
-    (``pipeline_postproc=True``) runs this parameter-free module in its data-dist stage, before
-    the codebook's input dist.
+    row-wise Adagrad step sums anyway) into the backward of :func:`merge_distinct_rows`. The
+    train pipeline (``pipeline_postproc=True``) runs this parameter-free module in its
+    data-dist stage, before the codebook's input dist.
 
     Args:
         num_buckets (int): codebook rows.
@@ -313,9 +313,9 @@ class MemoNetConfig(ExpertConfig):
         codeword_dim (Optional[int]): codeword width; None = the embedding dim.
         shrink (str): ``none`` (reference: keep all pair vectors) or ``gas`` (global attentive
             shrinking to one vector per crossed field).
-        dedup_ids (bool): look up each batch's distinct pair ids once and gather them back
-            (same result; the codebook's row-wise Adagrad sums duplicate ids' gradients either
-            way). CPU only: on CUDA the distinct-id count would sync the host every step, so
+        dedup_ids (bool): look up and merge each batch's distinct pair ids once, then gather
+            the merged rows back (same result; the codebook's row-wise Adagrad sums duplicate
+            ids' gradients either way). CPU only: on CUDA the distinct-id count would sync the host every step, so
             training there looks the ids up as they come (:func:`drop_id_dedup`). Default: true.
     """
 
