@@ -65,13 +65,19 @@ ARCHITECTURE_FIELDS: Dict[str, List[str]] = {
 # The MMoE/PLE demo experts grew from 64 to 256 wide (input 23 fields x 16 = 368): an expert
 # 368 -> 256 -> 64 has 110,912 parameters (27,776 before), 64 -> 256 -> 64 has 33,088 (8,320);
 # MMoE went from 4 to 8 experts, which adds 4 logits to each task's gate (2 x 4 x (368 + 1)).
+# PLE's expert outputs then grew from 64 to 128: 368 -> 256 -> 128 has 127,360 parameters,
+# 128 -> 256 -> 128 65,920, and the upper level's 2 task gates (3 logits) and the 2 towers'
+# first layers read 128 inputs instead of 64.
 PARAMETERS_BEFORE: Dict[str, tuple] = {
     "dtn_aliccp": (192030144, 41131924),
     "dtn_demo": (43447536, 2584180),
     "mmoe_aliccp": (43207536, 1371122),
     "mmoe_demo": (43207536, 127338 + 8 * 110912 - 4 * 27776 + 2 * 4 * 369),
     "ple_aliccp": (43207536, 2427102),
-    "ple_demo": (43207536, 198211 + 5 * (110912 - 27776) + 5 * (33088 - 8320)),
+    "ple_demo": (
+        43207536,
+        198211 + 5 * (127360 - 27776) + 5 * (65920 - 8320) + 2 * 3 * 64 + 2 * 64 * 64,
+    ),
     "shared_bottom_aliccp": (43207536, 403426),
     "shared_bottom_demo": (43207536, 68770),
 }
