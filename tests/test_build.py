@@ -2,7 +2,8 @@
 
 * No table is data-parallel unless the config names it, for the reference model on simulated
   CUDA clusters of 8, 16 and 64 ranks (the planner's choice used to flip with the rank count).
-* MemoNet's pair feature is planned with ``F (F - 1) / 2 x num_hash`` ids per row.
+* MemoNet's pair feature is planned with ``F (F - 1) / 2 x num_hash`` ids per row, one per
+  bag (TorchRec's ``num_poolings``), and dtn-plan's traffic report counts them so.
 * dtn-train's ``plan.json`` equals dtn-plan's plan for the same config, schema and world size.
 """
 
@@ -16,8 +17,19 @@ import pytest
 from dist_utils import run_on_ranks
 
 from dtn_torchrec.cli.plan import main as plan_main
-from dtn_torchrec.distributed.build import build_meta_train_model, feature_ids_per_row, plan_for
-from dtn_torchrec.distributed.planning import plan_to_json
+from dtn_torchrec.distributed.build import (
+    build_meta_train_model,
+    feature_bags_per_row,
+    feature_ids_per_row,
+    plan_for,
+)
+from dtn_torchrec.distributed.config import ShardingConfig
+from dtn_torchrec.distributed.planning import (
+    find_embedding_tables,
+    plan_to_json,
+    planner_constraints,
+)
+from dtn_torchrec.distributed.sharders import embedding_sharders
 from dtn_torchrec.distributed.topology import ClusterSpec
 from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY
 from dtn_torchrec.models.stats import aliccp_reference_schema
@@ -69,6 +81,18 @@ def test_memonet_pairs_are_planned_with_every_pair_and_hash() -> None:
     assert ids[MEMONET_PAIRS_KEY] == fields * (fields - 1) // 2 * 2  # num_hash 2
     # Multi-valued fields: the midpoint of the reference's list lengths, never below 1.
     assert all(value >= 1 for value in ids.values())
+    bags = feature_bags_per_row(model)
+    assert bags == {MEMONET_PAIRS_KEY: ids[MEMONET_PAIRS_KEY]}  # one id per bag
+    tables = find_embedding_tables(model, embedding_sharders())
+    constraints = planner_constraints(tables, ShardingConfig(), "cpu", ids, bags)
+    codebooks = [t.name for t in tables if t.feature_names == (MEMONET_PAIRS_KEY,)]
+    assert len(codebooks) == 3  # dtn_demo's MemoNet modules
+    for table in tables:
+        c = constraints[table.name]
+        if table.name in codebooks:
+            assert (c.pooling_factors, c.num_poolings) == ([1.0], [272.0])
+        else:
+            assert c.num_poolings is None and c.pooling_factors[0] == ids[table.feature_names[0]]
 
 
 def _train_one_step(config: str, overrides: List[str]) -> Dict[str, Any]:
@@ -138,7 +162,8 @@ def test_dtn_plan_reports_the_plan_dtn_train_uses(tmp_path: Path) -> None:
     assert code == 0
     planned = json.loads(out.read_text())["plan"]
     assert trained[0] == trained[1] == planned
-    # Both ranks hold tables: the comparison covers a real 2-rank layout.
-    tables = planned["model.sparse_arch.embedding_bag_collection"].values()
+    # Both ranks hold tables (field tables or codebooks): the comparison covers a real 2-rank
+    # layout.
+    tables = [t for module in planned.values() for t in module.values()]
     ranks = {s["rank"] for t in tables for s in t["shards"]}
-    assert ranks == {0, 1}
+    assert ranks == {0, 1} and len(planned) > 1

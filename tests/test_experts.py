@@ -144,7 +144,7 @@ def ref_masknet(e: nn.Module, x: ExpertInputs) -> torch.Tensor:
 def ref_memonet(e: nn.Module, x: ExpertInputs, num_hash: int) -> torch.Tensor:
     n = len(pair_config(num_hash).fields)
     pairs = field_pairs(n)
-    codebook = e.codebook.embeddings["memonet_codebook_x"].weight
+    codebook = e.codebook.embedding_bags["memonet_codebook_x"].weight
     ids = x.pair_ids.values().reshape(B, len(pairs), num_hash)
     z = torch.cat([codebook[ids[:, :, k]] for k in range(num_hash)], dim=-1)  # [B, P, K*d]
     z = z @ e.merge.weight.t()
@@ -269,7 +269,7 @@ def test_reference_initialisation() -> None:
     memo = MemoNetConfig(num_buckets=5000).build(
         F, D, name="m", device=None, pair_hash=PairHashConfig(num_buckets=5000).resolve(SCHEMA)
     )
-    codebook = memo.codebook.embeddings["memonet_codebook_m"].weight
+    codebook = memo.codebook.embedding_bags["memonet_codebook_m"].weight
     assert codebook.shape == (5000, D) and abs(float(codebook.std()) - 0.01) < 0.0005
 
 
@@ -290,9 +290,9 @@ def test_memonet_codebooks_are_separate_tables_per_expert() -> None:
     cfg = VARIANTS["memonet"]
     e1 = cfg.build(F, D, name="ctr", device=None, pair_hash=ph)
     e2 = cfg.build(F, D, name="cvr", device=None, pair_hash=ph)
-    assert [c.name for c in e1.codebook.embedding_configs()] == ["memonet_codebook_ctr"]
-    assert [c.name for c in e2.codebook.embedding_configs()] == ["memonet_codebook_cvr"]
-    assert e1.codebook.embedding_configs()[0].feature_names == [MEMONET_PAIRS_KEY]
+    assert [c.name for c in e1.codebook.embedding_bag_configs()] == ["memonet_codebook_ctr"]
+    assert [c.name for c in e2.codebook.embedding_bag_configs()] == ["memonet_codebook_cvr"]
+    assert e1.codebook.embedding_bag_configs()[0].feature_names == [MEMONET_PAIRS_KEY]
 
 
 def test_config_and_builder_errors() -> None:
@@ -359,13 +359,15 @@ def _local(value: object) -> torch.Tensor:
 
 
 def test_dmp_one_rank_shards_tables_and_codebooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+    from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import (
         EmbeddingShardingPlanner,
         ParameterConstraints,
         Topology,
     )
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from dtn_torchrec.distributed.sharders import embedding_sharders
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -392,15 +394,19 @@ def test_dmp_one_rank_shards_tables_and_codebooks(monkeypatch: pytest.MonkeyPatc
             topology=Topology(world_size=1, local_world_size=1, compute_device="cpu"),
             constraints={t: ParameterConstraints(sharding_types=[s]) for t, s in wanted.items()},
         )
-        plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
-        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan)
+        # Ours: TorchRec's stock EBC sharder offers row_wise on CUDA only (sharders.py).
+        sharders = embedding_sharders()
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+        dmp = DistributedModelParallel(
+            model, device=torch.device("cpu"), plan=plan, sharders=sharders
+        )
         planned = {t: p.sharding_type for mp in dmp.plan.plan.values() for t, p in mp.items()}
         assert planned == wanted
 
         state = {k: _local(v) for k, v in dmp.state_dict().items()}
         # Reference init survived meta construction + DMP materialisation.
         field_table = state["sparse.embedding_bag_collection.embedding_bags.t_h.weight"]
-        codebook = state["experts.0.codebook.embeddings.memonet_codebook_e0.weight"]
+        codebook = state["experts.0.codebook.embedding_bags.memonet_codebook_e0.weight"]
         assert abs(float(field_table.std()) - 0.0625) < 0.02
         assert abs(float(codebook.std()) - 0.01) < 0.004
         assert torch.all(state["sparse.input_norm.weight"] == 1)
@@ -428,8 +434,8 @@ def test_dmp_one_rank_shards_tables_and_codebooks(monkeypatch: pytest.MonkeyPatc
         expected.sum().backward()
         after = {k: _local(v) for k, v in dmp.state_dict().items()}
         for key in (
-            "experts.0.codebook.embeddings.memonet_codebook_e0.weight",
-            "experts.1.codebook.embeddings.memonet_codebook_e1.weight",
+            "experts.0.codebook.embedding_bags.memonet_codebook_e0.weight",
+            "experts.1.codebook.embedding_bags.memonet_codebook_e1.weight",
             "sparse.embedding_bag_collection.embedding_bags.t_h.weight",
         ):
             grad = reference.get_parameter(key).grad

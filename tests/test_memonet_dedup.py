@@ -21,6 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dtn_torchrec.distributed.build import build_meta_train_model, build_sharded_model
 from dtn_torchrec.distributed.config import ShardingConfig, SparseOptimizerConfig
 from dtn_torchrec.models.config import model_config_from_dict
+from dtn_torchrec.models.experts import memonet
 from dtn_torchrec.models.experts.memonet import MemoNetExpert, PairIdDedup, merge_distinct_rows
 from dtn_torchrec.models.pair_hash import MEMONET_PAIRS_KEY
 from dtn_torchrec.models.types import ExpertInputs
@@ -29,14 +30,15 @@ BUCKETS, DIM = 50, 8
 
 
 def pair_ids(batch: int, per_row: int, seed: int = 0) -> KeyedJaggedTensor:
-    """Ids from a skewed distribution over ``BUCKETS`` rows, so most repeat."""
+    """Ids from a skewed distribution over ``BUCKETS`` rows, so most repeat; one id per bag,
+    as ``PairHasher`` emits them."""
     g = torch.Generator().manual_seed(seed)
     ids = (torch.rand(batch * per_row, generator=g) ** 3 * BUCKETS).long()
     return KeyedJaggedTensor(
         keys=[MEMONET_PAIRS_KEY],
         values=ids,
-        lengths=torch.full((batch,), per_row, dtype=torch.int32),
-        stride=batch,
+        lengths=torch.ones(ids.numel(), dtype=torch.int32),
+        stride=ids.numel(),
     )
 
 
@@ -46,9 +48,10 @@ def test_dedup_gives_sorted_distinct_ids_and_their_inverse() -> None:
     values = kjt.values()
     assert torch.equal(ids.values(), torch.unique(values))
     assert torch.equal(ids.values()[inverse], values)
-    assert ids.keys() == [MEMONET_PAIRS_KEY] and ids.stride() == 6
-    assert ids.lengths().tolist() == [ids.values().numel()] + [0] * 5
-    assert ids.length_per_key() == [ids.values().numel()]
+    num_distinct = ids.values().numel()
+    assert ids.keys() == [MEMONET_PAIRS_KEY] and ids.stride() == num_distinct < 60
+    assert ids.lengths().tolist() == [1] * num_distinct  # one id per bag
+    assert ids.length_per_key() == [num_distinct]
 
 
 def _merge_reference(
@@ -58,7 +61,11 @@ def _merge_reference(
     return nn.functional.linear(rows[inverse].view(-1, weight.shape[1]), weight)
 
 
-def test_merge_distinct_rows_is_the_merge_of_the_gathered_rows() -> None:
+@pytest.mark.parametrize("upcast_rows", [3, 16384])  # the backward upcasts 3 rows at a time
+def test_merge_distinct_rows_is_the_merge_of_the_gathered_rows(
+    upcast_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memonet, "_UPCAST_ROWS", upcast_rows)
     g = torch.Generator().manual_seed(1)
     rows = torch.randn(5, DIM, generator=g, requires_grad=True)
     weight = torch.randn(DIM, 2 * DIM, generator=g, requires_grad=True)
@@ -146,7 +153,7 @@ def _rowwise_adagrad_table() -> SplitTableBatchedEmbeddingBagsCodegen:
         optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         learning_rate=0.1,
         eps=1e-8,
-        pooling_mode=PoolingMode.NONE,  # what a sharded EmbeddingCollection runs
+        pooling_mode=PoolingMode.SUM,  # the codebook's kernel, fed one id per bag
     )
 
 

@@ -52,8 +52,8 @@ def test_dtn_with_memonet_has_no_unpipelined_module(
     pipeline = sparse_dist_pipeline(model)
     assert _not_pipelined_after_first_step(monkeypatch, pipeline) == []
     sharded = [m for m in model.modules() if isinstance(m, ShardedModule)]
-    codebooks = [m for m in sharded if type(m).__name__ == "ShardedEmbeddingCollection"]
-    assert len(codebooks) >= 1  # the MemoNet codebooks are sharded modules too
+    codebooks = [m for m in model.modules() if isinstance(m, MemoNetExpert)]
+    assert codebooks and all(isinstance(m.codebook, ShardedModule) for m in codebooks)
     assert {id(m) for m in pipeline._pipelined_modules} == {id(m) for m in sharded}
     postprocs = [type(p._postproc_module) for p in pipeline._pipelined_postprocs]
     # the pair hashing, then each MemoNet expert's distinct ids (dedup_ids) of its output

@@ -82,6 +82,9 @@ def test_64_gpu_table_rows_are_the_scaled_aliccp_vocabularies(plan_64: Dict[str,
     codebooks = [n for n in rows if n.startswith("memonet_codebook_")]
     assert len(codebooks) == 3
     assert all(rows[n] == MEMONET_BUCKETS * SCALE for n in codebooks)
+    # Every pair of the 17 crossed fields, hashed twice: 272 ids per row, one per bag.
+    ids = {t["name"]: t["ids_per_row"] for t in plan_64["tables"]}
+    assert all(ids[n] == 272 for n in codebooks)
 
 
 def test_per_rank_memory_sums_match_the_table_sizes(plan_64: Dict[str, Any]) -> None:
@@ -205,6 +208,18 @@ def test_table_wise_traffic_matches_the_formula() -> None:
     to_peers = comms.input_ids + 2 * comms.embeddings_fwd
     assert comms.inter_host == pytest.approx(to_peers * 2 / 3 + comms.dense_allreduce)
     assert comms.intra_host == pytest.approx(to_peers / 3)
+
+
+def test_bags_per_row_multiply_ids_lengths_and_pooled_outputs() -> None:
+    # MemoNet's pairs: several one-id bags per row (num_poolings); each bag sends an id and a
+    # length and gets a pooled row back.
+    world, local = 4, 2
+    topology, options = _plan("table_wise", [1.0, 1.0], world, local)
+    options[0].num_poolings = [6.0]
+    comms = estimate_comms(options, topology, BATCH, dense_params=0)
+    off_rank = (world - 1) / world
+    assert comms.input_ids == pytest.approx(BATCH * (6 * (8 + 4) + (8 + 4)) * off_rank)
+    assert comms.embeddings_fwd == pytest.approx((6 + 1) * BATCH * DIM * 4 * off_rank)
 
 
 def test_row_wise_output_is_a_reduce_scatter() -> None:

@@ -42,17 +42,24 @@ def feature_ids_per_row(schema: SchemaSpec, model: nn.Module) -> Dict[str, float
     A field's ``mean_length`` from the schema; where the schema only knows the longest list
     (the Ali-CCP reference sizes) the midpoint ``(1 + max_length) / 2``. MemoNet's pair feature
     carries ``F (F - 1) / 2 x num_hash`` ids per row (every pair of its ``F`` fields, hashed
-    ``num_hash`` times), not one.
+    ``num_hash`` times), not one, in as many bags (:func:`feature_bags_per_row`).
     """
     result = {
         f.name: f.mean_length if f.mean_length > 0 else (1 + max(f.max_length, 1)) / 2
         for f in schema.fields
     }
+    result.update(feature_bags_per_row(model))  # one id per bag
+    return result
+
+
+def feature_bags_per_row(model: nn.Module) -> Dict[str, int]:
+    """Bags per row of the KJT features that have more than one (TorchRec's ``num_poolings``):
+    MemoNet's pair feature, one bag per pair id (``PairHasher``)."""
+    result: Dict[str, int] = {}
     for sub in model.modules():
         if isinstance(sub, SparseArch) and sub.pair_hash is not None:
-            fields = sub.pair_hash.fields
-            if fields is not None:
-                n = len(fields)
+            if sub.pair_hash.fields is not None:
+                n = len(sub.pair_hash.fields)
                 result[MEMONET_PAIRS_KEY] = n * (n - 1) // 2 * sub.pair_hash.num_hash
     return result
 
@@ -95,6 +102,7 @@ def plan_for(
         topology=topology,
         batch_size=batch_size,
         ids_per_row=ids_per_row,
+        bags_per_row=feature_bags_per_row(module),
         pg=pg,
         stats=stats,
     )

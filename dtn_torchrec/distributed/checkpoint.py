@@ -70,7 +70,7 @@ from dtn_torchrec.distributed.checkpoint_files import (
     read_metadata_file,
     verify_files,
 )
-from dtn_torchrec.distributed.checkpoint_optim import loadable_optimizer_state
+from dtn_torchrec.distributed.checkpoint_optim import loadable_optimizer_state, saved_name
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -399,11 +399,14 @@ class CheckpointManager:
         meta = self.verify(step)
         rank, world_size = self._rank_and_size()
 
-        state: Dict[str, Any] = {"model": model.state_dict()}
+        saved = read_metadata_file(path / METADATA_FILE).state_dict_metadata
+        # Under the names the checkpoint uses (a renamed key keeps loading).
+        model_state = model.state_dict()
+        names = {key: saved_name(key, saved, "model.") for key in model_state}
+        state: Dict[str, Any] = {"model": {names[k]: v for k, v in model_state.items()}}
         optimizer_state: Optional[Dict[str, Any]] = None
         if optimizer is not None:
             optimizer_state = optimizer.state_dict()
-            saved = read_metadata_file(path / METADATA_FILE).state_dict_metadata
             state["optim"] = loadable_optimizer_state(
                 _with_nonempty_state(optimizer_state), saved, path
             )
@@ -419,7 +422,7 @@ class CheckpointManager:
             raise CorruptCheckpointError(
                 f"{path}: cannot load the checkpoint's tensors ({failure_reason(e)})"
             ) from e
-        model.load_state_dict(state["model"])
+        model.load_state_dict({key: state["model"][name] for key, name in names.items()})
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
 

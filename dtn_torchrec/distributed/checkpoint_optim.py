@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -30,6 +30,22 @@ logger: logging.Logger = logging.getLogger("dtn_torchrec.distributed.checkpoint"
 # ``CheckpointManager.save`` stores {"model": ..., "optim": ...}; DCP flattens the keys.
 _MODEL_PREFIX = "model."
 _STATE_PREFIX = "optim.state."
+# Parameter names renamed since checkpoints were first written: (now, before). MemoNet's
+# codebooks were sequence ``EmbeddingCollection`` tables before they became pooled
+# ``EmbeddingBagCollection`` ones (one id per bag): the same rows and optimiser state.
+_RENAMED: Tuple[Tuple[str, str], ...] = ((".codebook.embedding_bags.", ".codebook.embeddings."),)
+
+
+def saved_name(name: str, saved: Container[str], prefix: str = "") -> str:
+    """``name`` as checkpoint metadata ``saved`` holds it (``prefix + name``): itself, or its
+    name before a rename (:data:`_RENAMED`) when only that one is there."""
+    if prefix + name in saved:
+        return name
+    for now, before in _RENAMED:
+        old = name.replace(now, before)
+        if old != name and prefix + old in saved:
+            return old
+    return name
 
 
 def table_of(param: str) -> str:
@@ -110,7 +126,8 @@ def loadable_optimizer_state(
     what the checkpoint cannot fill at its initial value (see the module docstring).
     """
     state: Dict[str, Any] = {}
-    for param, entries in optimizer_state["state"].items():
+    for current_param, entries in optimizer_state["state"].items():
+        param = saved_name(current_param, saved, _MODEL_PREFIX)
         problems: List[str] = []
         converted: Dict[str, torch.Tensor] = {}
         for name, value in entries.items():

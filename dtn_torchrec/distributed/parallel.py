@@ -18,6 +18,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 from dtn_torchrec.distributed.library_warnings import harmless_warnings
 from dtn_torchrec.distributed.optimizers import check_fused_optimizers
 from dtn_torchrec.distributed.sharders import embedding_sharders
+from dtn_torchrec.models.experts.memonet import PairIdDedup
 
 
 def shard_model(
@@ -29,7 +30,9 @@ def shard_model(
     pg: Optional[dist.ProcessGroup] = None,
     find_unused_parameters: bool = False,
 ) -> DistributedModelParallel:
-    """Shards ``module`` by ``plan``; materialises ``meta`` parameters on ``device``.
+    """Shards ``module`` by ``plan``; materialises ``meta`` parameters on ``device``. On more
+    than one rank MemoNet's distinct-id lookups get ``pg`` to pad to one batch size
+    (:class:`PairIdDedup`).
 
     Args:
         module: the unsharded model, with ``optimizers.apply_sparse_optimizer`` applied.
@@ -61,6 +64,10 @@ def shard_model(
                 static_graph=not find_unused_parameters,
             ),
         )
+    if group.size() > 1:
+        for sub in model.modules():
+            if isinstance(sub, PairIdDedup):
+                sub.group = group  # one codebook batch size on every rank
     ddp = model._dmp_wrapped_module
     if group.size() == 1 and isinstance(ddp, DistributedDataParallel):
         # One rank: the all-reduce and its division by the world size would only copy and

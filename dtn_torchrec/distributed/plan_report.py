@@ -40,6 +40,7 @@ from torchrec.distributed.planner.types import (
     StorageReservation,
     Topology,
 )
+from torchrec.distributed.planner.utils import get_num_poolings
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from dtn_torchrec.data.schema import SchemaSpec
@@ -110,6 +111,8 @@ class _BestPlanCapture(Stats):
     ) -> None:
         # The planner also logs its last failed proposal (an empty plan); keep only real plans.
         if sharding_plan.plan:
+            for option in best_plan:  # bags per row, as the planner's estimators read them
+                option.num_poolings = get_num_poolings(constraints, option)
             self.best_plan = list(best_plan)
             reserved = storage_reservation.last_reserved_topology
             if reserved is not None:
@@ -359,11 +362,21 @@ class _Traffic(NamedTuple):
     out_intra: float
 
 
+def _bags_per_row(option: ShardingOption) -> List[float]:
+    """Bags per row of each of the table's features (``num_poolings``; 1 unless set)."""
+    return list(option.num_poolings or [1.0] * len(option.input_lengths))
+
+
+def _ids_per_row(option: ShardingOption) -> float:
+    """Ids per row over the table's features: ids per bag (``input_lengths``) x bags."""
+    return float(sum(n * b for n, b in zip(option.input_lengths, _bags_per_row(option))))
+
+
 def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: int) -> _Traffic:
     """Input-id and forward-embedding bytes per rank for one table (backward = forward).
 
     Formulas (``B`` per-rank batch, ``W`` ranks, ``L`` ranks per host, ``n`` ids per row of the
-    table, ``k`` features, ``D`` dim, ``S`` shards; ``(W-1)/W`` of an all-to-all leaves a rank,
+    table, ``k`` bags per row (one per feature, MemoNet's pairs one per id), ``D`` dim, ``S`` shards; ``(W-1)/W`` of an all-to-all leaves a rank,
     ``(W-L)/(W-1)`` of that leaves the host):
 
     * table_wise: ids ``B (8n + 4k) (W-1)/W``; output ``B D' (W-1)/W``
@@ -381,8 +394,8 @@ def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: 
     """
     if option.sharding_type == ShardingType.DATA_PARALLEL.value:
         return _Traffic(0.0, 0.0, 0.0, 0.0)
-    ids_per_row = float(sum(option.input_lengths))
-    features = len(option.input_lengths)
+    ids_per_row = _ids_per_row(option)
+    features = float(sum(_bags_per_row(option)))  # lengths: one per bag
     dim = int(option.tensor.shape[1])
     id_bytes = _ID_BYTES + (_PER_ID_WEIGHT_BYTES if option.is_weighted else 0)
     out_per_row = _OUTPUT_BYTES * dim * (features if option.is_pooled else ids_per_row)
@@ -552,7 +565,7 @@ def build_report(
             bytes_per_value=o.tensor.element_size(),
             sharding_type=o.sharding_type,
             compute_kernel=o.compute_kernel,
-            ids_per_row=float(sum(o.input_lengths)),
+            ids_per_row=_ids_per_row(o),
             shards=[
                 {"rank": s.rank, "offsets": list(s.offset), "sizes": list(s.size)} for s in o.shards
             ],

@@ -13,6 +13,8 @@ Planner inputs, the same for training, scoring and ``dtn-plan``:
   and ``dense`` (data-parallel), plus ``fused_uvm_caching`` with ``sharding.uvm_caching``;
 * pooling factors: the data's mean ids per row of each feature (a table's configured
   ``pooling_factor`` wins), so I/O buffers, traffic and costs are not estimated for one id;
+  a feature with several bags per row (MemoNet's pairs: one id per bag) gets them as
+  ``num_poolings`` and its ids per bag as the pooling factor;
 * storage reservation: on CUDA TorchRec's ``HeuristicalStorageReservation`` (the dense model
   with its optimiser and DDP buffers, the pipelined input batches, plus
   ``sharding.storage_reservation`` of HBM); on CPU TorchRec's fixed percentage, which like
@@ -246,6 +248,7 @@ def planner_constraints(
     cfg: ShardingConfig,
     compute_device: str,
     ids_per_row: Optional[Mapping[str, float]] = None,
+    bags_per_row: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, ParameterConstraints]:
     """:func:`table_constraints` completed with the defaults every planning run shares.
 
@@ -255,6 +258,8 @@ def planner_constraints(
         compute_device: ``"cpu"`` or ``"cuda"``.
         ids_per_row: feature -> mean ids per row (from the dataset schema); sets the pooling
             factors of every table without a configured ``pooling_factor``. None = 1 id.
+        bags_per_row: feature -> bags per row where more than one (``num_poolings``); the
+            pooling factor is then ids per bag.
     """
     constraints = table_constraints(tables, cfg, compute_device)
     if compute_device == "cuda":
@@ -270,8 +275,15 @@ def planner_constraints(
             table_cfg = _table_config(cfg, table.name)
             if table_cfg is not None and table_cfg.pooling_factor is not None:
                 continue
+            bags = bags_per_row or {}
             constraints[table.name].pooling_factors = [
-                max(1.0, float(ids_per_row.get(feature, 1.0))) for feature in table.feature_names
+                max(1.0, float(ids_per_row.get(feature, 1.0)) / bags.get(feature, 1))
+                for feature in table.feature_names
+            ]
+    for table in tables:
+        if bags_per_row and any(f in bags_per_row for f in table.feature_names):
+            constraints[table.name].num_poolings = [
+                float(bags_per_row.get(f, 1)) for f in table.feature_names
             ]
     return constraints
 
@@ -319,6 +331,7 @@ def plan_model(
     topology: Topology,
     batch_size: int,
     ids_per_row: Optional[Mapping[str, float]] = None,
+    bags_per_row: Optional[Mapping[str, int]] = None,
     pg: Optional[dist.ProcessGroup] = None,
     sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
     stats: Optional[List[Stats]] = None,
@@ -332,6 +345,7 @@ def plan_model(
         topology: see ``topology.topology_from_env`` / ``topology.ClusterSpec``.
         batch_size: per-rank batch size (the planner's cost model).
         ids_per_row: feature -> mean ids per row (see :func:`planner_constraints`).
+        bags_per_row: feature -> bags per row where more than one (idem).
         pg: process group; rank 0 plans and broadcasts (``collective_plan``). None plans in
             this process alone (dtn-plan, or a single-process run).
         sharders: defaults to ``sharders.embedding_sharders()``; give DMP the same list.
@@ -350,7 +364,7 @@ def plan_model(
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=planner_constraints(tables, cfg, compute_device, ids_per_row),
+        constraints=planner_constraints(tables, cfg, compute_device, ids_per_row, bags_per_row),
         storage_reservation=storage_reservation(module, tables, cfg, compute_device),
         stats=stats,
     )

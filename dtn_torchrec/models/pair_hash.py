@@ -148,8 +148,9 @@ class PairHasher(nn.Module):
         features (KeyedJaggedTensor): ``B`` rows holding every key of ``config.fields``.
 
     Returns:
-        KeyedJaggedTensor: one key ``"memonet_pairs"``, ``P * K`` ids per row ordered
-        ``[row][pair][hash]``, with its per-key lengths set.
+        KeyedJaggedTensor: one key ``"memonet_pairs"``, one id per bag, ``B * P * K`` bags
+        ordered ``[row][pair][hash]`` (the pooled codebook returns each id's row), with its
+        per-key lengths set.
     """
 
     def __init__(self, config: PairHashConfig) -> None:
@@ -170,19 +171,16 @@ class PairHasher(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         ids = first_ids(features, self.config.fields)  # [B, n]
-        batch_size = ids.shape[0]
         h = splitmix64(self.pair_seed_state[None] ^ ids[:, self.left, None])  # [B, P, K]
         h = splitmix64(h ^ self.right[None, :, None])
         h = splitmix64(h ^ ids[:, self.right, None])
         buckets = torch.remainder(h & _as_int64((1 << 63) - 1), self.config.num_buckets)
-        num_ids = batch_size * self._ids_per_row
+        num_ids = ids.shape[0] * self._ids_per_row
         return KeyedJaggedTensor(
             keys=[MEMONET_PAIRS_KEY],
             values=buckets.reshape(-1),
-            lengths=torch.full(
-                (batch_size,), self._ids_per_row, dtype=torch.int32, device=ids.device
-            ),
-            stride=batch_size,
+            lengths=torch.ones(num_ids, dtype=torch.int32, device=ids.device),
+            stride=num_ids,
             length_per_key=[num_ids],
             offset_per_key=[0, num_ids],
         )

@@ -1,8 +1,10 @@
 """MemoNet / HCNet (Zhang & Zhang, CIKM 2023; docs/model.md, MemoNet).
 
-The codebook is a TorchRec ``EmbeddingCollection`` (one table, feature ``"memonet_pairs"``)
-addressed by the pair-hash ids the sparse arch computes, so ``DistributedModelParallel`` shards it
-like any other table (table/row/column-wise; not data-parallel on CPU).
+The codebook is a TorchRec ``EmbeddingBagCollection`` (one table, feature ``"memonet_pairs"``)
+addressed by the pair-hash ids the sparse arch computes, one id per bag (a sum over one id is its
+row), so ``DistributedModelParallel`` shards it like any other table. Pooled, not a sequence
+``EmbeddingCollection``: FBGEMM's CPU backward of a sequence table costs ~3x the pooled one per
+row (docs/model.md, MemoNet); a bag of one id gives the same rows and the same fused update.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from functools import partial
 from typing import List, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.modules import embedding_configs
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dtn_torchrec.dataclass_config import check_at_least, check_one_of
@@ -34,15 +37,16 @@ def codebook_table_name(expert_name: str) -> str:
 
 @torch.compiler.disable
 def _lookup(codebook: nn.Module, pair_ids: KeyedJaggedTensor) -> torch.Tensor:
-    """Codewords ``[B*P*K, d]`` of the pair ids. Never compiled (``train.compile``): under
-    DMP the codebook is a sharded module whose pipelined forward dynamo cannot trace."""
-    return codebook(pair_ids)[MEMONET_PAIRS_KEY].values()
+    """Codewords ``[stride, d]`` of ``pair_ids`` (one id per bag). Never compiled
+    (``train.compile``): under DMP the codebook is a sharded module whose pipelined forward
+    dynamo cannot trace."""
+    return codebook(pair_ids)[MEMONET_PAIRS_KEY]
 
 
 class DistinctIds(NamedTuple):
-    """The distinct ids of a pair-id batch: ``ids`` (the same key and stride, the ``U`` distinct
-    ids ascending, all in row 0) and ``inverse`` ``[N]``, the position in ``ids`` of each of
-    the batch's ``N`` ids."""
+    """The distinct ids of a pair-id batch: ``ids`` (the same key, the ``U`` distinct ids
+    ascending, one per bag: stride ``U``) and ``inverse`` ``[N]``, the position in ``ids`` of
+    each of the batch's ``N`` ids."""
 
     ids: KeyedJaggedTensor
     inverse: torch.Tensor
@@ -61,28 +65,44 @@ def distinct_ids(pair_ids: KeyedJaggedTensor, num_buckets: int) -> DistinctIds:
     distinct = present.nonzero().squeeze(1)  # [U], ascending
     inverse = (torch.cumsum(present, 0) - 1)[values]  # [N]
     num_distinct = distinct.numel()
-    lengths = torch.zeros(pair_ids.stride(), dtype=torch.int32, device=values.device)
-    lengths[0] = num_distinct
     ids = KeyedJaggedTensor(
         keys=pair_ids.keys(),
         values=distinct,
-        lengths=lengths,
-        stride=pair_ids.stride(),
+        lengths=torch.ones(num_distinct, dtype=torch.int32, device=values.device),
+        stride=num_distinct,
         length_per_key=[num_distinct],
         offset_per_key=[0, num_distinct],
     )
     return DistinctIds(ids, inverse)
 
 
+def pad_bags(ids: KeyedJaggedTensor, num_bags: int) -> KeyedJaggedTensor:
+    """``ids`` (one key) with empty bags appended up to a stride of ``num_bags``."""
+    pad = num_bags - ids.stride()
+    return KeyedJaggedTensor(
+        keys=ids.keys(),
+        values=ids.values(),
+        lengths=torch.cat([ids.lengths(), ids.lengths().new_zeros(pad)]),
+        stride=num_bags,
+        length_per_key=ids.length_per_key(),
+        offset_per_key=ids.offset_per_key(),
+    )
+
+
 class PairIdDedup(nn.Module):
     """The distinct pair ids of a batch (:func:`distinct_ids`), so that the codebook looks
     each row up once.
 
-    FBGEMM's CPU backward of a sequence (unpooled) table costs per id and per distinct row;
-    looking up only the distinct ids moves the summation of repeated ids' gradients (which the
-    row-wise Adagrad step sums anyway) into the backward of :func:`merge_distinct_rows`. The
+    FBGEMM's CPU backward costs per bag (one per id); looking up only the distinct ids moves
+    the summation of repeated ids' gradients (which the row-wise Adagrad step sums anyway) into
+    the backward of :func:`merge_distinct_rows`. The
     train pipeline (``pipeline_postproc=True``) runs this parameter-free module in its
     data-dist stage, before the codebook's input dist.
+
+    With :attr:`group` set (``shard_model`` does on more than one rank) every rank pads its
+    bags with empty ones to the largest count of the group (one all-reduce of a count): the
+    ranks' codebook batches then have one size, which row-wise sharding needs (its backward
+    all-gathers equal-sized blocks on gloo). The padded rows are zeros and never gathered.
 
     Args:
         num_buckets (int): codebook rows.
@@ -91,39 +111,56 @@ class PairIdDedup(nn.Module):
         pair_ids (KeyedJaggedTensor): ``N`` ids of one key.
 
     Returns:
-        DistinctIds: the distinct ids (a KJT of the same key and stride) and the inverse.
+        DistinctIds: the distinct ids (a KJT of the same key, one id per bag) and the inverse.
     """
 
     def __init__(self, num_buckets: int) -> None:
         super().__init__()
         self.num_buckets = num_buckets
+        self.group: Optional[dist.ProcessGroup] = None
 
     @torch.compiler.disable  # data-dependent output size
     def forward(self, pair_ids: KeyedJaggedTensor) -> DistinctIds:
-        return distinct_ids(pair_ids, self.num_buckets)
+        distinct = distinct_ids(pair_ids, self.num_buckets)
+        if self.group is None:
+            return distinct
+        num_bags = torch.tensor([distinct.ids.stride()])
+        dist.all_reduce(num_bags, op=dist.ReduceOp.MAX, group=self.group)
+        return DistinctIds(pad_bags(distinct.ids, int(num_bags)), distinct.inverse)
+
+
+# Rows of the gradient upcast to fp32 at a time in the gather-sum's backward: 4 MiB at d = 64,
+# far below glibc's mmap threshold, so the buffers are reused from the heap instead of being
+# mapped and faulted in, zero-filled, every step (``train/allocator.py``).
+_UPCAST_ROWS = 16384
 
 
 class _GatherSum(torch.autograd.Function):
-    """``sum_k table[index[:, k]]`` ``[M, d]`` in ``table``'s dtype; the backward sums the
-    gradients of repeated rows in fp32 (a bf16 sum of a head id's hundreds would lose them)."""
+    """``sum_k table[:, k][inverse[:, k]]`` ``[M, d]`` in ``table``'s dtype (``table [U, K, d]``,
+    ``inverse [M, K]``); the backward sums the gradients of repeated rows in fp32 (a bf16 sum of
+    a head id's hundreds would lose them), one ``[U, d]`` accumulator per hash."""
 
     @staticmethod
-    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.num_rows = table.shape[0]
-        out = table.index_select(0, index[:, 0])
-        for k in range(1, index.shape[1]):
-            out.add_(table.index_select(0, index[:, k]))
+    def forward(ctx, table: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        out = table[:, 0].index_select(0, inverse[:, 0])
+        for k in range(1, inverse.shape[1]):
+            out.add_(table[:, k].index_select(0, inverse[:, k]))
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        grad = grad.float()
-        table_grad = grad.new_zeros((ctx.num_rows, grad.shape[1]))
-        for k in range(index.shape[1]):
-            table_grad.index_add_(0, index[:, k], grad)
-        return table_grad, None  # autograd casts it to the table's dtype
+        (inverse,) = ctx.saved_tensors
+        num_rows, num_hash, dim = ctx.table_shape
+        table_grad = grad.new_empty(ctx.table_shape, dtype=ctx.table_dtype)
+        for k in range(num_hash):
+            summed = grad.new_zeros((num_rows, dim), dtype=torch.float32)
+            for start in range(0, grad.shape[0], _UPCAST_ROWS):
+                rows = slice(start, start + _UPCAST_ROWS)
+                summed.index_add_(0, inverse[rows, k], grad[rows].float())
+            table_grad[:, k].copy_(summed)
+        return table_grad, None
 
 
 @torch.fx.wrap  # one node for the train pipeline's and the export's fx traces
@@ -143,11 +180,12 @@ def merge_distinct_rows(
     d_out, d_in = merge_weight.shape[0], rows.shape[1]
     num_hash = merge_weight.shape[1] // d_in
     per_hash = merge_weight.view(d_out, num_hash, d_in).transpose(0, 1).reshape(-1, d_in)
-    table = nn.functional.linear(rows, per_hash).view(-1, d_out)  # row u*K + k: rows[u] W_k^T
-    index = inverse.view(-1, num_hash) * num_hash + torch.arange(num_hash, device=inverse.device)
+    table = nn.functional.linear(rows, per_hash).view(-1, num_hash, d_out)  # [U, K, d]
+    per_pair = inverse.view(-1, num_hash)  # [M, K]
     if torch.jit.is_scripting():  # the export (inference): no autograd Function
-        return table[index].sum(dim=1)
-    return _GatherSum.apply(table, index)
+        hashes = torch.arange(num_hash, device=inverse.device)
+        return table[per_pair, hashes].sum(dim=1)
+    return _GatherSum.apply(table, per_pair)
 
 
 class GlobalAttentiveShrink(nn.Module):
@@ -229,13 +267,14 @@ class MemoNetExpert(nn.Module):
         self.num_pairs = num_crossed_fields * (num_crossed_fields - 1) // 2
         self.num_hash = num_hash
         self.codeword_dim = codeword_dim
-        self.codebook = EmbeddingCollection(
+        self.codebook = EmbeddingBagCollection(
             tables=[
-                embedding_configs.EmbeddingConfig(
+                embedding_configs.EmbeddingBagConfig(
                     name=codebook_table_name(name),
                     embedding_dim=codeword_dim,
                     num_embeddings=num_buckets,
                     feature_names=[MEMONET_PAIRS_KEY],
+                    pooling=embedding_configs.PoolingType.SUM,
                     init_fn=partial(nn.init.normal_, mean=0.0, std=CODEBOOK_INIT_STD),
                 )
             ],
