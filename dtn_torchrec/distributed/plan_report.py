@@ -376,7 +376,8 @@ def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: 
     """Input-id and forward-embedding bytes per rank for one table (backward = forward).
 
     Formulas (``B`` per-rank batch, ``W`` ranks, ``L`` ranks per host, ``n`` ids per row of the
-    table, ``k`` bags per row (one per feature, MemoNet's pairs one per id), ``D`` dim, ``S`` shards; ``(W-1)/W`` of an all-to-all leaves a rank,
+    table, ``k`` bags per row (one per feature; MemoNet's pairs one per id), ``D`` dim, ``S``
+    shards; ``(W-1)/W`` of an all-to-all leaves a rank,
     ``(W-L)/(W-1)`` of that leaves the host):
 
     * table_wise: ids ``B (8n + 4k) (W-1)/W``; output ``B D' (W-1)/W``
@@ -395,10 +396,10 @@ def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: 
     if option.sharding_type == ShardingType.DATA_PARALLEL.value:
         return _Traffic(0.0, 0.0, 0.0, 0.0)
     ids_per_row = _ids_per_row(option)
-    features = float(sum(_bags_per_row(option)))  # lengths: one per bag
+    bags = float(sum(_bags_per_row(option)))  # one length and (pooled) one output row per bag
     dim = int(option.tensor.shape[1])
     id_bytes = _ID_BYTES + (_PER_ID_WEIGHT_BYTES if option.is_weighted else 0)
-    out_per_row = _OUTPUT_BYTES * dim * (features if option.is_pooled else ids_per_row)
+    out_per_row = _OUTPUT_BYTES * dim * (bags if option.is_pooled else ids_per_row)
     off_rank = (world - 1) / world
     intra = 1.0 - _off_host_share(world, local)
     sharding = option.sharding_type
@@ -408,13 +409,11 @@ def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: 
         ShardingType.TABLE_COLUMN_WISE.value,
     ):
         copies = 1 if sharding == ShardingType.TABLE_WISE.value else len(option.shards)
-        ids = copies * batch_size * (id_bytes * ids_per_row + _LENGTH_BYTES * features) * off_rank
+        ids = copies * batch_size * (id_bytes * ids_per_row + _LENGTH_BYTES * bags) * off_rank
         out = batch_size * out_per_row * off_rank
         return _Traffic(ids, out, ids * intra, out * intra)
     if sharding == ShardingType.ROW_WISE.value:
-        ids = batch_size * (
-            id_bytes * ids_per_row * off_rank + _LENGTH_BYTES * features * (world - 1)
-        )
+        ids = batch_size * (id_bytes * ids_per_row * off_rank + _LENGTH_BYTES * bags * (world - 1))
         out = (
             (world - 1) * batch_size * out_per_row
             if option.is_pooled
@@ -426,7 +425,7 @@ def _option_traffic(option: ShardingOption, batch_size: int, world: int, local: 
         ids = (
             column_groups
             * batch_size
-            * (id_bytes * ids_per_row + _LENGTH_BYTES * features * local)
+            * (id_bytes * ids_per_row + _LENGTH_BYTES * bags * local)
             * off_rank
         )
         out_intra = (local - 1) * batch_size * out_per_row

@@ -270,21 +270,19 @@ def planner_constraints(
         for constraint in constraints.values():
             if constraint.compute_kernels is None:
                 constraint.compute_kernels = list(kernels)
-    if ids_per_row is not None:
-        for table in tables:
-            table_cfg = _table_config(cfg, table.name)
-            if table_cfg is not None and table_cfg.pooling_factor is not None:
-                continue
-            bags = bags_per_row or {}
-            constraints[table.name].pooling_factors = [
-                max(1.0, float(ids_per_row.get(feature, 1.0)) / bags.get(feature, 1))
-                for feature in table.feature_names
-            ]
+    bags = bags_per_row or {}
     for table in tables:
-        if bags_per_row and any(f in bags_per_row for f in table.feature_names):
+        if any(f in bags for f in table.feature_names):
             constraints[table.name].num_poolings = [
-                float(bags_per_row.get(f, 1)) for f in table.feature_names
+                float(bags.get(f, 1)) for f in table.feature_names
             ]
+        table_cfg = _table_config(cfg, table.name)
+        if ids_per_row is None or (table_cfg is not None and table_cfg.pooling_factor is not None):
+            continue
+        constraints[table.name].pooling_factors = [
+            max(1.0, float(ids_per_row.get(feature, 1.0)) / bags.get(feature, 1))
+            for feature in table.feature_names
+        ]
     return constraints
 
 

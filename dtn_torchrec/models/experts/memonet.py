@@ -95,9 +95,8 @@ class PairIdDedup(nn.Module):
 
     FBGEMM's CPU backward costs per bag (one per id); looking up only the distinct ids moves
     the summation of repeated ids' gradients (which the row-wise Adagrad step sums anyway) into
-    the backward of :func:`merge_distinct_rows`. The
-    train pipeline (``pipeline_postproc=True``) runs this parameter-free module in its
-    data-dist stage, before the codebook's input dist.
+    the backward of :func:`merge_distinct_rows`. The train pipeline (``pipeline_postproc=True``)
+    runs this parameter-free module in its data-dist stage, before the codebook's input dist.
 
     With :attr:`group` set (``shard_model`` does on more than one rank) every rank pads its
     bags with empty ones to the largest count of the group (one all-reduce of a count): the
